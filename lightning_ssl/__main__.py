@@ -1,0 +1,3 @@
+from lightning_ssl.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""Encoders: a torchvision model by name, or any ``nn.Module``, turned into a feature extractor.
+
+``build_backbone`` returns ``(module, feature_dim)``; the module maps ``B x 3 x H x W`` images to
+``B x feature_dim`` vectors. A classifier head (``fc``, ``classifier``, ``head(s)``) is replaced by
+``nn.Identity``; convolutional outputs are average-pooled. ``small_image=True`` gives ResNets the
+CIFAR stem used by SimCLR (Chen et al. 2020, appendix B.9): a 3x3 stride-1 first convolution and
+no max-pool, for 32x32 inputs.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+__all__ = ["build_backbone", "PooledBackbone", "reset_parameters"]
+
+_CLASSIFIER_ATTRS = ("fc", "classifier", "heads", "head")
+
+
+class PooledBackbone(nn.Module):
+    """Wraps a module so that its output is always ``B x D``: 4-d maps are average-pooled."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if out.ndim == 4:
+            out = out.mean(dim=(2, 3))
+        elif out.ndim != 2:
+            out = out.flatten(1)
+        return out
+
+
+def _strip_classifier(model: nn.Module) -> int | None:
+    """Replace the last ``nn.Linear`` of the classifier by ``nn.Identity``; return its in_features."""
+    for attr in _CLASSIFIER_ATTRS:
+        head = getattr(model, attr, None)
+        if head is None:
+            continue
+        if isinstance(head, nn.Linear):
+            setattr(model, attr, nn.Identity())
+            return head.in_features
+        if isinstance(head, nn.Sequential):
+            for idx in range(len(head) - 1, -1, -1):
+                if isinstance(head[idx], nn.Linear):
+                    in_features = head[idx].in_features
+                    head[idx] = nn.Identity()
+                    return in_features
+    return None
+
+
+def _small_image_stem(model: nn.Module) -> None:
+    conv1 = getattr(model, "conv1", None)
+    if not isinstance(conv1, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise ValueError(
+            f"small_image=True replaces a ResNet-style stem (attributes `conv1` and `maxpool`), but "
+            f"{type(model).__name__} has none. Use a ResNet, or pass small_image=False and an "
+            "encoder designed for small inputs."
+        )
+    model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+
+
+@torch.no_grad()
+def _infer_feature_dim(module: nn.Module, image_size: int) -> int:
+    was_training = module.training
+    module.eval()
+    try:
+        param = next(module.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        out = module(torch.zeros(2, 3, image_size, image_size, device=device))
+    finally:
+        module.train(was_training)
+    return int(out.shape[1])
+
+
+def build_backbone(
+    backbone: str | nn.Module,
+    small_image: bool = False,
+    feature_dim: int | None = None,
+    weights_path: str | Path | None = None,
+) -> tuple[nn.Module, int]:
+    """Build an encoder and return ``(module, feature_dim)``.
+
+    Args:
+        backbone: a torchvision classification model name (``"resnet18"``, ``"resnet50"``,
+            ``"efficientnet_b0"``, ...) built with random weights, or any ``nn.Module``.
+        small_image: CIFAR stem for ResNets (3x3 stride-1 conv1, no max-pool) for 32x32 inputs.
+        feature_dim: the output dimension, when it cannot be inferred from a dummy forward.
+        weights_path: a local file with a torchvision state_dict (e.g. supervised ImageNet weights)
+            loaded with ``strict=True`` before the classifier is removed. Nothing is downloaded.
+    """
+    if isinstance(backbone, str):
+        available = torchvision.models.list_models(module=torchvision.models)
+        if backbone not in available:
+            raise ValueError(
+                f"Unknown backbone {backbone!r}. Use a torchvision classification model name "
+                f"(e.g. resnet18, resnet50; all: torchvision.models.list_models()) or pass an nn.Module."
+            )
+        model = torchvision.models.get_model(backbone, weights=None)
+        if weights_path is not None:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            model.load_state_dict(state, strict=True)
+        inferred = _strip_classifier(model)
+    elif isinstance(backbone, nn.Module):
+        if weights_path is not None:
+            raise ValueError("weights_path is only used with a torchvision model name; load your module's weights yourself.")
+        model = backbone
+        inferred = _strip_classifier(model) if any(hasattr(model, a) for a in _CLASSIFIER_ATTRS) else None
+    else:
+        raise TypeError(f"backbone must be a torchvision model name or an nn.Module, got {type(backbone).__name__}")
+
+    if small_image:
+        _small_image_stem(model)
+    module = PooledBackbone(model)
+    if feature_dim is None:
+        feature_dim = _infer_feature_dim(module, 32 if small_image else 224) if inferred is None else inferred
+    return module, int(feature_dim)
+
+
+def reset_parameters(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Return a deep copy of ``module`` with every submodule's parameters re-initialised."""
+    module = copy.deepcopy(module)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for sub in module.modules():
+            if hasattr(sub, "reset_parameters") and callable(sub.reset_parameters):
+                sub.reset_parameters()
+            if hasattr(sub, "reset_running_stats") and callable(sub.reset_running_stats):
+                sub.reset_running_stats()
+    return module

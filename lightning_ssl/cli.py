@@ -1,0 +1,40 @@
+"""The ``lightning-ssl`` command: LightningCLI over every method and datamodule.
+
+    lightning-ssl fit --config configs/quickstart.yaml
+    lightning-ssl fit --config configs/simclr_cifar10.yaml --trainer.max_epochs 10
+    python -m lightning_ssl validate --config ... --ckpt_path ...
+
+``--model`` takes any ``SSLMethod`` subclass (``lightning_ssl.SimCLR``, ``MoCo``, ``MoCoV2``,
+``BYOL``, ...) and ``--data`` any ``LightningDataModule``.
+"""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+from pytorch_lightning.cli import LightningCLI
+
+from lightning_ssl.methods.base import SSLMethod
+
+__all__ = ["main", "SSLCLI"]
+
+
+class SSLCLI(LightningCLI):
+    """LightningCLI with the methods as subclasses of ``SSLMethod``."""
+
+
+def main(args: list[str] | None = None) -> None:
+    import datamodules  # noqa: F401  (registers the datamodules for short class names)
+    import callbacks  # noqa: F401
+
+    SSLCLI(
+        SSLMethod,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Loss functions of the methods, as pure functions.
+
+- ``nt_xent``: SimCLR's normalized temperature-scaled cross entropy (Chen et al. 2020, eq. 1).
+- ``moco_info_nce``: MoCo's InfoNCE with a queue of negatives (He et al. 2020, eq. 1).
+- ``byol_loss``: BYOL's normalized regression 2 - 2 cos(p, z) (Grill et al. 2020, eq. 2).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lightning_ssl.distributed import gather_with_grad, rank
+
+__all__ = ["nt_xent", "moco_info_nce", "byol_loss"]
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:
+    """NT-Xent over the 2N views: each view's positive is its pair, all other 2N-2 views are negatives.
+
+    Args:
+        z1, z2: ``N x D`` projections of the two views (row i of both is the same image).
+        temperature: tau in eq. 1.
+        gather: in a distributed run, take negatives from every process (gathered with gradients),
+            so the loss equals that of one process holding the global batch.
+    Returns the mean loss over this process's 2N anchors.
+    """
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"z1 and z2 must both be N x D, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    z1 = F.normalize(z1, dim=1)
+    z2 = F.normalize(z2, dim=1)
+    n = z1.shape[0]
+    offset = 0
+    all1, all2 = z1, z2
+    if gather:
+        all1, all2 = gather_with_grad(z1), gather_with_grad(z2)
+        offset = rank() * n
+    total = all1.shape[0]
+    candidates = torch.cat([all1, all2], dim=0)  # 2N_global x D
+    anchors = torch.cat([z1, z2], dim=0)  # 2n x D
+    logits = anchors @ candidates.T / temperature  # 2n x 2N_global
+    local = torch.arange(n, device=z1.device) + offset
+    self_idx = torch.cat([local, local + total])
+    pos_idx = torch.cat([local + total, local])
+    rows = torch.arange(2 * n, device=z1.device)
+    logits = logits.index_put((rows, self_idx), torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype))
+    return F.cross_entropy(logits, pos_idx)
+
+
+def moco_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """InfoNCE of MoCo: positive q.k, negatives q.queue (the queue holds K normalised keys, ``K x D``).
+
+    ``q`` and ``k`` are normalised here; ``k`` is treated as a constant (no gradient).
+    """
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k.detach(), dim=1)
+    l_pos = (q * k).sum(dim=1, keepdim=True)  # N x 1
+    l_neg = q @ queue.detach().T  # N x K
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # N x (1+K)
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels)
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``2 - 2 cos(p, z)``; ``z`` (the target projection) gets no gradient."""
+    return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()

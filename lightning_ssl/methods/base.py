@@ -1,0 +1,102 @@
+"""What every method shares: the backbone, the representation used for evaluation, and the
+optimizer with its warmup/cosine (or step) schedule, scaled by the global batch size.
+
+A method subclasses ``SSLMethod``, builds its heads, and writes its own ``training_step`` on batches
+``(views, target)`` where ``views`` is a list of image tensors (the target is ignored).
+"""
+from __future__ import annotations
+
+import torch
+import pytorch_lightning as pl
+from torch import nn
+
+from lightning_ssl.backbones import build_backbone, reset_parameters
+from lightning_ssl.optim import build_optimizer, lr_lambda, scaled_lr, split_weight_decay
+
+__all__ = ["SSLMethod"]
+
+
+class SSLMethod(pl.LightningModule):
+    """Base class of the methods. Subclasses pass their (typed, paper-default) arguments through.
+
+    Args:
+        backbone: torchvision model name or ``nn.Module`` (see ``build_backbone``).
+        small_image: CIFAR stem for 32x32 inputs.
+        optimizer: ``lars``, ``sgd`` or ``adamw``.
+        base_lr: learning rate for a global batch of 256; the peak lr is ``base_lr * B / 256`` with
+            ``B = batch size x processes x gradient accumulation``.
+        lr: the peak learning rate itself, overriding the scaling rule when given.
+        weight_decay: applied to weights only; biases and norm parameters are excluded.
+        momentum: SGD/LARS momentum.
+        warmup_epochs: linear warmup length (fractions allowed).
+        schedule: ``cosine``, ``step`` (x0.1 at 60% and 80%) or ``constant``.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module,
+        small_image: bool,
+        optimizer: str,
+        base_lr: float,
+        lr: float | None,
+        weight_decay: float,
+        momentum: float,
+        warmup_epochs: float,
+        schedule: str,
+    ):
+        super().__init__()
+        # Collects the arguments of the subclass's __init__ too. A module given as backbone is not a
+        # hyperparameter: pass it again to ``load_from_checkpoint``.
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        if optimizer not in ("lars", "sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'lars', 'sgd' or 'adamw', got {optimizer!r}")
+        if schedule not in ("cosine", "step", "constant"):
+            raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
+        self.backbone, self.feature_dim = build_backbone(backbone, small_image=small_image)
+
+    # ----------------------------------------------------------------- representation
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The representation used for evaluation (kNN, linear probe): backbone features."""
+        return self.representation(images)
+
+    def representation(self, images: torch.Tensor, backbone: nn.Module | None = None) -> torch.Tensor:
+        """Features of ``images`` from this method's backbone, or from ``backbone`` of the same architecture."""
+        return (self.backbone if backbone is None else backbone)(images)
+
+    def random_init_backbone(self, seed: int = 0) -> nn.Module:
+        """A freshly initialised backbone of the same architecture (the random-init baseline)."""
+        name = self.hparams.get("backbone")
+        if isinstance(name, str):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                module, _ = build_backbone(name, small_image=self.hparams.small_image)
+            return module.to(self.device)
+        return reset_parameters(self.backbone, seed)
+
+    # ------------------------------------------------------------------ optimization
+    def global_batch_size(self) -> int:
+        """Images per optimizer step over all processes: batch x processes x accumulation."""
+        loader = self.trainer.train_dataloader
+        batch = getattr(loader, "batch_size", None)
+        if batch is None:
+            batch = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+        if batch is None:
+            raise ValueError(
+                "cannot read the batch size from the train dataloader; pass lr= explicitly "
+                "instead of relying on base_lr x batch / 256"
+            )
+        return int(batch) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        total_steps = int(self.trainer.estimated_stepping_batches)  # loads the train dataloader
+        lr = hp.lr if hp.lr is not None else scaled_lr(hp.base_lr, self.global_batch_size())
+        max_epochs = self.trainer.max_epochs
+        steps_per_epoch = total_steps / max_epochs if max_epochs and max_epochs > 0 else total_steps
+        warmup_steps = int(round(hp.warmup_epochs * steps_per_epoch))
+        groups = split_weight_decay([self], hp.weight_decay)
+        optimizer = build_optimizer(hp.optimizer, groups, lr=lr, momentum=hp.momentum)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_lambda(step, total_steps, warmup_steps, hp.schedule)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,48 @@
+"""Momentum (EMA) target networks, as in MoCo (He et al. 2020) and BYOL (Grill et al. 2020).
+
+``target = tau * target + (1 - tau) * online`` for every parameter. BYOL's schedule is
+``tau_k = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2`` over the K optimizer steps of training;
+MoCo keeps tau constant (tau_base = tau_final = 0.999).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["cosine_tau", "ema_update_", "make_target"]
+
+
+def cosine_tau(step: int, total_steps: int, tau_base: float, tau_final: float = 1.0) -> float:
+    """BYOL's cosine increase of tau from ``tau_base`` (step 0) to ``tau_final`` (step ``total_steps``)."""
+    progress = min(max(step, 0), total_steps) / max(1, total_steps)
+    return tau_final - (tau_final - tau_base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update_(pairs: Iterable[tuple[nn.Module, nn.Module]], tau: float) -> None:
+    """In place, for every ``(online, target)`` pair: ``target <- tau * target + (1 - tau) * online``.
+
+    Parameters are averaged; buffers (BN running statistics) are left to the target's own forward.
+    """
+    targets, onlines = [], []
+    for online, target in pairs:
+        online_params = list(online.parameters())
+        target_params = list(target.parameters())
+        if len(online_params) != len(target_params):
+            raise ValueError("momentum pair has different architectures: online and target parameter counts differ")
+        onlines.extend(online_params)
+        targets.extend(target_params)
+    if targets:
+        torch._foreach_lerp_(targets, [p.detach() for p in onlines], 1.0 - tau)
+
+
+def make_target(online: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``online`` (no gradients), the initial target network."""
+    target = copy.deepcopy(online)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target

@@ -1,0 +1,117 @@
+"""Optimizers and learning-rate schedules shared by every method.
+
+- ``LARS`` (You et al. 2017), as used by SimCLR and BYOL: layer-wise trust ratio
+  ``eta * ||w|| / ||g + wd * w||`` inside the momentum, eta = 0.001. Parameter groups with
+  ``lars_exclude=True`` (biases and normalisation parameters) get neither weight decay nor adaptation.
+- ``split_weight_decay``: biases and norm parameters (every parameter with ndim <= 1) in a group
+  without weight decay, as in SimCLR/BYOL.
+- ``lr_lambda``: linear warmup then cosine decay to 0 (SimCLR, BYOL, MoCo v2) or MoCo v1's step
+  decay (x0.1 at 60% and 80% of training, i.e. epochs 120 and 160 of 200).
+- ``scaled_lr``: the linear scaling rule lr = base_lr x global_batch / 256.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["LARS", "split_weight_decay", "lr_lambda", "scaled_lr", "build_optimizer"]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (SimCLR's TF implementation)."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+        lars_exclude: bool = False,
+    ):
+        if lr < 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=lars_exclude)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if not group["lars_exclude"]:
+                if group["weight_decay"] != 0:
+                    grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                w_norms = torch._foreach_norm(params)
+                g_norms = torch._foreach_norm(grads)
+                ratios = [
+                    torch.where((w > 0) & (g > 0), group["eta"] * w / g, torch.ones_like(w))
+                    for w, g in zip(w_norms, g_norms)
+                ]
+                grads = torch._foreach_mul(grads, ratios)
+            bufs = []
+            for p, g in zip(params, grads):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+        return loss
+
+
+def split_weight_decay(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
+    """Two parameter groups: weights with decay; biases and norm parameters without decay or LARS."""
+    decay, no_decay, seen = [], [], set()
+    for module in modules:
+        for p in module.parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
+        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+    ]
+
+
+def lr_lambda(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine") -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "step":
+        progress = step / max(1, total_steps)
+        return 0.1 ** sum(progress >= m for m in (0.6, 0.8))
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {schedule!r}; use 'cosine', 'step' or 'constant'")
+
+
+def scaled_lr(base_lr: float, global_batch_size: int) -> float:
+    """Linear scaling rule (Goyal et al. 2017): lr = base_lr x global_batch / 256."""
+    return base_lr * global_batch_size / 256
+
+
+def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
+    """``lars``, ``sgd`` or ``adamw`` over parameter groups from ``split_weight_decay``."""
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum)
+    plain = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
+    if name == "sgd":
+        return torch.optim.SGD(plain, lr=lr, momentum=momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(plain, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; use 'lars', 'sgd' or 'adamw'")
