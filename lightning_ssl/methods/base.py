@@ -6,6 +6,8 @@ A method subclasses ``SSLMethod``, builds its heads, and writes its own ``traini
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import pytorch_lightning as pl
 from torch import nn
@@ -48,11 +50,20 @@ class SSLMethod(pl.LightningModule):
         # Collects the arguments of the subclass's __init__ too. A module given as backbone is not a
         # hyperparameter: pass it again to ``load_from_checkpoint``.
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        # Keep exactly the most-derived class's arguments (so ``load_from_checkpoint`` can call it).
+        accepted = inspect.signature(type(self).__init__).parameters
+        for key in [k for k in self.hparams if k not in accepted]:
+            del self.hparams[key]
         if optimizer not in ("lars", "sgd", "adamw"):
             raise ValueError(f"optimizer must be 'lars', 'sgd' or 'adamw', got {optimizer!r}")
         if schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
         self.backbone, self.feature_dim = build_backbone(backbone, small_image=small_image)
+        self.small_image = small_image
+        self.optim_config = dict(
+            optimizer=optimizer, base_lr=base_lr, lr=lr, weight_decay=weight_decay, momentum=momentum,
+            warmup_epochs=warmup_epochs, schedule=schedule,
+        )
 
     # ----------------------------------------------------------------- representation
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -69,7 +80,7 @@ class SSLMethod(pl.LightningModule):
         if isinstance(name, str):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                module, _ = build_backbone(name, small_image=self.hparams.small_image)
+                module, _ = build_backbone(name, small_image=self.small_image)
             return module.to(self.device)
         return reset_parameters(self.backbone, seed)
 
@@ -88,15 +99,15 @@ class SSLMethod(pl.LightningModule):
         return int(batch) * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def configure_optimizers(self):
-        hp = self.hparams
+        cfg = self.optim_config
         total_steps = int(self.trainer.estimated_stepping_batches)  # loads the train dataloader
-        lr = hp.lr if hp.lr is not None else scaled_lr(hp.base_lr, self.global_batch_size())
+        lr = cfg["lr"] if cfg["lr"] is not None else scaled_lr(cfg["base_lr"], self.global_batch_size())
         max_epochs = self.trainer.max_epochs
         steps_per_epoch = total_steps / max_epochs if max_epochs and max_epochs > 0 else total_steps
-        warmup_steps = int(round(hp.warmup_epochs * steps_per_epoch))
-        groups = split_weight_decay([self], hp.weight_decay)
-        optimizer = build_optimizer(hp.optimizer, groups, lr=lr, momentum=hp.momentum)
+        warmup_steps = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+        groups = split_weight_decay([self], cfg["weight_decay"])
+        optimizer = build_optimizer(cfg["optimizer"], groups, lr=lr, momentum=cfg["momentum"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_lambda(step, total_steps, warmup_steps, hp.schedule)
+            optimizer, lambda step: lr_lambda(step, total_steps, warmup_steps, cfg["schedule"])
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
