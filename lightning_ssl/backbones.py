@@ -39,20 +39,18 @@ class PooledBackbone(nn.Module):
 
 
 def _strip_classifier(model: nn.Module) -> int | None:
-    """Replace the last ``nn.Linear`` of the classifier by ``nn.Identity``; return its in_features."""
+    """Replace the classifier (``fc``, ``classifier``, ``heads``, ``head``) by ``nn.Identity``; return
+    the width of the features that entered it (the pooled features, as in the papers' evaluations)."""
     for attr in _CLASSIFIER_ATTRS:
         head = getattr(model, attr, None)
-        if head is None:
-            continue
         if isinstance(head, nn.Linear):
             setattr(model, attr, nn.Identity())
             return head.in_features
         if isinstance(head, nn.Sequential):
-            for idx in range(len(head) - 1, -1, -1):
-                if isinstance(head[idx], nn.Linear):
-                    in_features = head[idx].in_features
-                    head[idx] = nn.Identity()
-                    return in_features
+            linears = [m for m in head if isinstance(m, nn.Linear)]
+            if linears:
+                setattr(model, attr, nn.Identity())
+                return linears[0].in_features
     return None
 
 

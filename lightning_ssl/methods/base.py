@@ -87,6 +87,8 @@ class SSLMethod(pl.LightningModule):
     # ------------------------------------------------------------------ optimization
     def global_batch_size(self) -> int:
         """Images per optimizer step over all processes: batch x processes x accumulation."""
+        if self.trainer.train_dataloader is None:  # not loaded yet (e.g. max_steps set)
+            self.trainer.fit_loop.setup_data()
         loader = self.trainer.train_dataloader
         batch = getattr(loader, "batch_size", None)
         if batch is None:
