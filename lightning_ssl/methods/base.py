@@ -77,6 +77,9 @@ class SSLMethod(pl.LightningModule):
     def global_batch_size(self) -> int:
         """Images per optimizer step over all processes: batch x processes x accumulation."""
         loader = self.trainer.train_dataloader
+        if loader is None:  # with max_steps, estimated_stepping_batches does not load it
+            self.trainer.fit_loop.setup_data()
+            loader = self.trainer.train_dataloader
         batch = getattr(loader, "batch_size", None)
         if batch is None:
             batch = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
