@@ -19,8 +19,8 @@ A distributed test of another method (e.g. CPC) needs only a worker and one call
         losses = run_distributed(_cpc_worker, 2)
         ...compare with the one-process loss on the whole batch...
 
-and ``fit_and_resume`` (a DDP ``Trainer`` fit, checkpoint and resume) can be reused as is with a
-new model factory.
+and the full DDP ``Trainer`` fit, checkpoint and resume of ``tests/test_distributed.py`` covers a
+new method once its factory is added to ``FACTORIES`` there (a tiny model taking 8x8 images).
 """
 from __future__ import annotations
 

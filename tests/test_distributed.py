@@ -225,8 +225,16 @@ class _Recorder(pl.Callback):
             self.keys.append(outputs["keys"].detach().clone())
 
 
-def _fit_worker(rank: int, world: int, name: str, root: str, steps: int, more_steps: int) -> dict:
-    """``Trainer(strategy="ddp", accelerator="cpu", devices=world)`` fit, checkpoint, resume."""
+FIT_STEPS, RESUME_STEPS = 3, 2
+
+
+def _fit_worker(rank: int, world: int, root: str) -> dict:
+    """For each method: ``Trainer(strategy="ddp", accelerator="cpu", devices=world)`` fit, checkpoint,
+    resume (all methods in one set of processes, to pay the process start-up once)."""
+    return {name: _fit_and_resume(name, world, str(Path(root) / name), FIT_STEPS, RESUME_STEPS) for name in FACTORIES}
+
+
+def _fit_and_resume(name: str, world: int, root: str, steps: int, more_steps: int) -> dict:
     results = {}
     ckpt = Path(root) / "last.ckpt"
     for phase, max_steps in (("first", steps), ("resumed", steps + more_steps)):
@@ -258,13 +266,18 @@ def _expected_queue(queue: torch.Tensor, ptr: int, keys_per_batch: list[torch.Te
     return queue, (ptr + stream.shape[0]) % queue.shape[0]
 
 
-@pytest.mark.parametrize("name", ["simclr", "moco", "byol"])
-def test_ddp_fit_checkpoint_resume(name, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_fits(tmp_path_factory) -> list[dict]:
+    return run_distributed(_fit_worker, WORLD, str(tmp_path_factory.mktemp("ddp_fits")), init_group=False)
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_ddp_fit_checkpoint_resume(name, ddp_fits):
     """A 2-process DDP fit: lr scaled by the global batch (4 x 2 processes x 2 accumulation = 16);
     online and target networks and MoCo's queue identical on both ranks; the queue holds both
     ranks' keys in rank order; a resumed run starts from exactly the saved state and continues."""
-    steps, more = 3, 2
-    ranks = run_distributed(_fit_worker, WORLD, name, str(tmp_path), steps, more, init_group=False)
+    steps, more = FIT_STEPS, RESUME_STEPS
+    ranks = [results[name] for results in ddp_fits]
     for phase, n_steps in (("first", steps), ("resumed", steps + more)):
         r0, r1 = ranks[0][phase], ranks[1][phase]
         for rec in (r0, r1):
@@ -339,7 +352,7 @@ def _two_node_command(launcher: str, node_rank: int, port: int, config: Path, sc
     ]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "fabric"])
+@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("fabric", marks=pytest.mark.slow)])
 def test_two_node_launch_over_loopback_runs_cli_fit(launcher, tmp_path):
     """Two launcher invocations (node ranks 0 and 1, one process each) on 127.0.0.1 run
     ``lightning_ssl fit`` to completion; the config says ``devices: 1`` and no ``num_nodes``:
