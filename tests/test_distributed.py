@@ -23,7 +23,10 @@ from dist_utils import LOOPBACK, RandomTwoViewDataModule, free_port, run_distrib
 from lightning_ssl import BYOL, MoCo, MoCoV2, SimCLR
 from lightning_ssl.distributed import batch_shuffle, batch_unshuffle, launcher_trainer_flags
 
-pytestmark = pytest.mark.distributed
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.filterwarnings("ignore:You are trying to .self.log"),  # training_step called outside a Trainer
+]
 
 WORLD = 2
 B = 4  # per-process batch
