@@ -6,12 +6,17 @@
 
 ``--model`` takes any ``SSLMethod`` subclass (``lightning_ssl.SimCLR``, ``MoCo``, ``MoCoV2``,
 ``BYOL``, ...) and ``--data`` any ``LightningDataModule``.
+
+Under ``torchrun``, ``fabric run`` or SLURM ``srun`` the trainer's ``devices`` and ``num_nodes``
+(and ``fabric run``'s accelerator/strategy/precision) are taken from the launcher's environment
+(``lightning_ssl.distributed.launcher_trainer_flags``), so the same config runs unchanged.
 """
 from __future__ import annotations
 
 import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 
+from lightning_ssl.distributed import launcher_trainer_flags
 from lightning_ssl.methods.base import SSLMethod
 
 __all__ = ["main", "SSLCLI"]
@@ -19,6 +24,12 @@ __all__ = ["main", "SSLCLI"]
 
 class SSLCLI(LightningCLI):
     """LightningCLI with the methods as subclasses of ``SSLMethod``."""
+
+    def before_instantiate_classes(self) -> None:
+        # The launcher decides how many processes run where; the config's values would only conflict.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for flag, value in launcher_trainer_flags().items():
+            config.trainer[flag] = value
 
 
 def main(args: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_ssl.distributed import batch_shuffle, batch_unshuffle
 from lightning_ssl.heads import mlp
 from lightning_ssl.losses import moco_info_nce
 from lightning_ssl.methods.base import SSLMethod
@@ -28,6 +29,11 @@ class MoCo(SSLMethod):
     The queue (``K x dim``, normalised keys) and its pointer are buffers, so checkpoints hold them;
     ``callbacks.QueueUpdate`` enqueues each step's keys (gathered over processes) after the step.
     K must be a multiple of the global batch size.
+
+    ``shuffle_bn`` (default on, as in the paper, sec. 3.3): in a multi-process run the key batch is
+    shuffled across processes before the key encoder and unshuffled after, so BN statistics of a
+    key never come from its own query's sub-batch (a no-op in one process). The alternative is
+    ``shuffle_bn=False`` with ``Trainer(sync_batchnorm=True)`` (global BN statistics, as in SimCLR).
     """
 
     def __init__(
@@ -47,6 +53,7 @@ class MoCo(SSLMethod):
         momentum: float = 0.9,
         warmup_epochs: float = 0,
         schedule: str | None = None,
+        shuffle_bn: bool = True,
     ):
         if version not in _VERSION_DEFAULTS:
             raise ValueError(f"MoCo version must be 1 or 2, got {version}")
@@ -59,7 +66,10 @@ class MoCo(SSLMethod):
             raise ValueError(f"momentum_tau must lie in [0, 1], got {momentum_tau}")
         self.version = version
         self.temperature = temperature if temperature is not None else defaults["temperature"]
+        # LightningCLI hands save_hyperparameters the config's raw values (None): store the resolved ones.
+        self.hparams.update(schedule=schedule, temperature=self.temperature)
         self.momentum_tau = momentum_tau
+        self.shuffle_bn = shuffle_bn
         if version == 1:
             self.projector = mlp([self.feature_dim, projection_dim])
         else:
@@ -96,7 +106,11 @@ class MoCo(SSLMethod):
         x_q, x_k = views[0], views[1]
         q = self.projector(self.backbone(x_q))  # N x dim
         with torch.no_grad():
+            if self.shuffle_bn:
+                x_k, unshuffle_idx = batch_shuffle(x_k)
             k = F.normalize(self.projector_momentum(self.backbone_momentum(x_k)), dim=1)  # N x dim
+            if self.shuffle_bn:
+                k = batch_unshuffle(k, unshuffle_idx)
         loss = moco_info_nce(q, k, self.queue, self.temperature)  # logits N x (1+K)
         self.log("train/loss", loss, prog_bar=True)
         return {"loss": loss, "keys": k}
@@ -121,8 +135,9 @@ class MoCoV2(MoCo):
         momentum: float = 0.9,
         warmup_epochs: float = 0,
         schedule: str | None = None,
+        shuffle_bn: bool = True,
     ):
         super().__init__(
             backbone, small_image, 2, projection_dim, projection_hidden_dim, temperature, momentum_tau,
-            queue_size, optimizer, base_lr, lr, weight_decay, momentum, warmup_epochs, schedule,
+            queue_size, optimizer, base_lr, lr, weight_decay, momentum, warmup_epochs, schedule, shuffle_bn,
         )
