@@ -90,9 +90,6 @@ class SSLMethod(pl.LightningModule):
         if self.trainer.train_dataloader is None:  # not loaded yet (e.g. max_steps set)
             self.trainer.fit_loop.setup_data()
         loader = self.trainer.train_dataloader
-        if loader is None:  # with max_steps, estimated_stepping_batches does not load it
-            self.trainer.fit_loop.setup_data()
-            loader = self.trainer.train_dataloader
         batch = getattr(loader, "batch_size", None)
         if batch is None:
             batch = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
