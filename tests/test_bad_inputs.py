@@ -77,6 +77,8 @@ def test_truncated_image_is_replaced_during_the_epoch_never_kills_it(tmp_path):
         with pytest.warns(UserWarning, match="a_0.jpg"):
             batches = list(dm.train_dataloader())
         assert sum(len(b[1] if not gpu else b["target"]) for b in batches) == 6
+    # and in a worker process, where the warning is the worker's own
+    assert sum(len(y) for _, y in _dm(root, num_workers=1).train_dataloader()) == 6
     with pytest.raises(ValueError, match="cannot decode image .*a_0.jpg.*strict=True"):
         RobustImageFolder(root / "train", strict=True)[0]
     with pytest.warns(UserWarning, match="1 file\\(s\\).*a_0.jpg"):  # decoding everything up front finds it

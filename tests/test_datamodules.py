@@ -216,8 +216,8 @@ def test_configs_instantiate(name, monkeypatch):
     assert dm.views == expected
 
 
-def _fit_args(root, *extra):
-    return ["fit", "--config", str(REPO / "configs" / "simclr_cifar10.yaml"), "--data.init_args.root", str(root),
+def _fit_args(root, *extra, config="simclr_cifar10"):
+    return ["fit", "--config", str(REPO / "configs" / f"{config}.yaml"), "--data.init_args.root", str(root),
             "--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--trainer.logger", "false",
             "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
@@ -243,6 +243,18 @@ def test_cli_fit_simclr_on_a_cifar10_tree(cifar_tree, gpu_augment, monkeypatch, 
     monkeypatch.setattr(pl.LightningModule, "optimizer_step", spy)
     main(_fit_args(cifar_tree, "--data.init_args.gpu_augment", gpu_augment))
     assert seen["steps"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["moco_cifar10", "mocov2_cifar10", "byol_cifar10"])
+def test_cli_fit_other_cifar10_configs(cifar_tree, config, monkeypatch, tmp_path):
+    import sys
+
+    from lightning_ssl.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lightning-ssl"])
+    monkeypatch.chdir(tmp_path)
+    main(_fit_args(cifar_tree, "--data.init_args.gpu_augment", "true", config=config))
 
 
 @pytest.mark.real_data
