@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs=2, default=[128, 32], help="batch at 32 and at 224")
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in the main process")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in the main process (0: torch default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

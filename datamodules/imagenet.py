@@ -93,7 +93,7 @@ class ImageNetDataModule(TwoViewDataModule):
         strength: float = 1.0,
         small_image: bool = False,
         gpu_augment: bool = False,
-        gpu_load_size: int | None = 256,
+        gpu_load_size: int | None = None,
         eval_resize: int | None = 256,
         eval_crop: int | None = 224,
         eval_batch_size: int = 256,

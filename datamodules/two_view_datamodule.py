@@ -75,7 +75,8 @@ class TwoViewDataModule(pl.LightningDataModule):
         strength: colour jitter strength ``s``.
         small_image: drop the blur (small-image variant of the recipe).
         gpu_augment: make the views on the accelerator instead of in the workers.
-        gpu_load_size: side of the square uint8 images shipped when ``gpu_augment`` is on.
+        gpu_load_size: side of the square uint8 images shipped when ``gpu_augment`` is on
+            (default ``image_size x 8 / 7``: 256 for 224).
         eval_resize, eval_crop: evaluation transform (resize shorter side, centre crop; None skips).
     """
 
@@ -106,7 +107,8 @@ class TwoViewDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.views: list[ViewConfig] = preset(augmentation, image_size, strength, small_image, mean, std)
         self.gpu_augment = gpu_augment
-        self.gpu_load_size = gpu_load_size or image_size
+        # default: the views' size x 8/7 (256 for 224-pixel views), as the evaluation resize
+        self.gpu_load_size = gpu_load_size or round(image_size * 8 / 7)
         self.eval_resize, self.eval_crop = eval_resize, eval_crop
         self.mean, self.std = tuple(mean), tuple(std)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -157,11 +159,11 @@ class TwoViewDataModule(pl.LightningDataModule):
         if augment:
             if split != "train":
                 raise ValueError("augment=True is for the training split only")
-            from torchvision.transforms import v2
+            import torchvision.transforms as T
 
-            transform = v2.Compose([
-                v2.RandomResizedCrop(self.views[0].size, antialias=True), v2.RandomHorizontalFlip(),
-                v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std),
+            transform = T.Compose([
+                T.RandomResizedCrop(self.views[0].size, antialias=True), T.RandomHorizontalFlip(),
+                T.ToTensor(), T.Normalize(self.mean, self.std),
             ])
             return self._loader(TransformedDataset(dataset, transform), self.eval_batch_size, True, False)
         transform = eval_transform(self.eval_resize, self.eval_crop, self.mean, self.std)

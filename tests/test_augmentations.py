@@ -10,7 +10,6 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from scipy import stats
-from torchvision.transforms import v2
 
 from datamodules.augmentations import ViewConfig, cpu_view_transform, preset
 from datamodules.gpu_augment import GPUAugment, ViewAugment, sample_crop_boxes
@@ -52,7 +51,7 @@ def _find(compose, cls):
     for t in compose.transforms:
         if isinstance(t, cls):
             return t
-        if isinstance(t, v2.RandomApply) and isinstance(t.transforms[0], cls):
+        if isinstance(t, T.RandomApply) and isinstance(t.transforms[0], cls):
             return t
     return None
 
@@ -60,18 +59,18 @@ def _find(compose, cls):
 def test_cpu_transform_is_built_from_the_config():
     cfg = preset("byol", 64)[1]
     tf = cpu_view_transform(cfg)
-    rrc = _find(tf, v2.RandomResizedCrop)
+    rrc = _find(tf, T.RandomResizedCrop)
     assert tuple(rrc.size) == (64, 64) and tuple(rrc.scale) == cfg.scale and tuple(rrc.ratio) == pytest.approx(cfg.ratio)
-    jitter = _find(tf, v2.ColorJitter)
+    jitter = _find(tf, T.ColorJitter)
     assert jitter.p == cfg.jitter_p
     cj = jitter.transforms[0]
     assert cj.brightness == pytest.approx((0.6, 1.4)) and cj.saturation == pytest.approx((0.8, 1.2))
     assert cj.hue == pytest.approx((-0.1, 0.1))
-    assert _find(tf, v2.RandomGrayscale).p == cfg.grayscale_p
-    blur = _find(tf, v2.GaussianBlur)
+    assert _find(tf, T.RandomGrayscale).p == cfg.grayscale_p
+    blur = _find(tf, T.GaussianBlur)
     assert blur.p == cfg.blur_p and tuple(blur.transforms[0].kernel_size) == (cfg.blur_kernel,) * 2
-    assert _find(tf, v2.RandomSolarize).p == cfg.solarize_p
-    assert _find(cpu_view_transform(preset("byol", 64)[0]), v2.RandomSolarize) is None
+    assert _find(tf, T.RandomSolarize).p == cfg.solarize_p
+    assert _find(cpu_view_transform(preset("byol", 64)[0]), T.RandomSolarize) is None
 
 
 # ------------------------------------------------------- on-device parameters: same distributions
@@ -120,13 +119,13 @@ def test_on_device_parameters_follow_the_cpu_preset(name, view):
     params = ViewAugment(cfg).sample_params(torch.full((N,), 64), torch.full((N,), 64), generator=g)
 
     # apply probabilities read from the CPU pipeline
-    jitter = _find(tf, v2.ColorJitter)
+    jitter = _find(tf, T.ColorJitter)
     cpu_p = {
-        "flip": _find(tf, v2.RandomHorizontalFlip).p,
+        "flip": _find(tf, T.RandomHorizontalFlip).p,
         "jitter": jitter.p if jitter is not None else 0.0,
-        "grayscale": getattr(_find(tf, v2.RandomGrayscale), "p", 0.0),
-        "blur": getattr(_find(tf, v2.GaussianBlur), "p", 0.0),
-        "solarize": getattr(_find(tf, v2.RandomSolarize), "p", 0.0),
+        "grayscale": getattr(_find(tf, T.RandomGrayscale), "p", 0.0),
+        "blur": getattr(_find(tf, T.GaussianBlur), "p", 0.0),
+        "solarize": getattr(_find(tf, T.RandomSolarize), "p", 0.0),
     }
     for key, p in cpu_p.items():
         assert _rate_close(params[key], p), (key, params[key].float().mean().item(), p)
@@ -145,7 +144,7 @@ def test_on_device_parameters_follow_the_cpu_preset(name, view):
         for pos in range(4):
             counts = torch.bincount(params["order"][:, pos], minlength=4).numpy()
             assert stats.chisquare(counts).pvalue > 1e-3
-    blur = _find(tf, v2.GaussianBlur)
+    blur = _find(tf, T.GaussianBlur)
     if blur is not None:
         smin, smax = blur.transforms[0].sigma
         assert _ks_same(params["sigma"].numpy(), np.random.default_rng(0).uniform(smin, smax, 4000))
