@@ -232,8 +232,9 @@ class ViewAugment(nn.Module):
 class GPUAugment(nn.Module):
     """Makes one view per ``ViewConfig`` from a uint8 batch, on whatever device the batch is on.
 
-    ``forward(images, sizes)``: ``images`` is ``N x 3 x S x S`` uint8; ``sizes`` is ``N x 2`` with each
-    image's original ``(height, width)`` (``None``: the images are their original size).
+    ``forward(images, sizes, generator)``: ``images`` is ``N x 3 x S x S`` uint8; ``sizes`` is ``N x 2``
+    with each image's original ``(height, width)`` (``None``: the images are their original size);
+    ``generator`` (on the images' device) draws the parameters, default the global RNG.
     """
 
     def __init__(self, views: Sequence[ViewConfig]):
@@ -243,7 +244,8 @@ class GPUAugment(nn.Module):
         self.views = nn.ModuleList(ViewAugment(v) for v in views)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> list[torch.Tensor]:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected N x 3 x H x W images, got shape {tuple(images.shape)}")
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
@@ -253,4 +255,4 @@ class GPUAugment(nn.Module):
         else:
             sizes = sizes.to(x.device)
             heights, widths = sizes[:, 0], sizes[:, 1]
-        return [view(x, heights, widths) for view in self.views]
+        return [view.apply(x, heights, widths, view.sample_params(heights, widths, generator)) for view in self.views]

@@ -113,6 +113,7 @@ class TwoViewDataModule(pl.LightningDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.augmenter = GPUAugment(self.views) if gpu_augment else None
+        self._augment_generator: torch.Generator | None = None
 
     # ---------------------------------------------------------------- to implement
     def _base_dataset(self, split: str) -> Dataset:
@@ -147,8 +148,17 @@ class TwoViewDataModule(pl.LightningDataModule):
             images = batch[UINT8_KEY]
             augmenter = self.augmenter or GPUAugment(self.views)
             self.augmenter = augmenter.to(images.device)
-            return self.augmenter(images, batch["sizes"]), batch["target"]
+            return self.augmenter(images, batch["sizes"], self._generator(images.device)), batch["target"]
         return batch
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """A generator per device and process, seeded from the global seed and the process rank, so that
+        processes with the same seed do not draw the same augmentation parameters."""
+        if self._augment_generator is None or self._augment_generator.device != device:
+            rank = int(getattr(self.trainer, "global_rank", 0) or 0) if self.trainer is not None else 0
+            self._augment_generator = torch.Generator(device=device)
+            self._augment_generator.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
+        return self._augment_generator
 
     def labelled_dataloader(self, split: str, augment: bool = False) -> DataLoader:
         """Un-augmented ``(images, labels)`` of ``split`` ("train" or "val"), for kNN and linear probes.

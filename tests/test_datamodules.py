@@ -118,6 +118,17 @@ def test_gpu_augment_path_ships_uint8_and_makes_views_after_transfer(imagenet_tr
     assert ((widths >= 40) & (widths < 90)).all()  # the original sizes travel with the pixels
     views, target = dm.on_after_batch_transfer(batch, 0)
     assert [v.shape for v in views] == [(8, 3, 32, 32)] * 2 and target.shape == (8,)
+    # each process draws its own parameters: another rank makes other views of the same batch
+    from types import SimpleNamespace
+
+    other = _imagenet(imagenet_tree, gpu_augment=True, gpu_load_size=40, augmentation="byol")
+    other.trainer = SimpleNamespace(global_rank=1)
+    same = _imagenet(imagenet_tree, gpu_augment=True, gpu_load_size=40, augmentation="byol")
+    torch.manual_seed(0)
+    rank0 = same.on_after_batch_transfer(batch, 0)[0][0]
+    torch.manual_seed(0)
+    rank1 = other.on_after_batch_transfer(batch, 0)[0][0]
+    assert not torch.allclose(rank0, rank1)
     # other batches pass through untouched
     plain = (torch.zeros(2, 3, 4, 4), torch.zeros(2))
     assert dm.on_after_batch_transfer(plain, 0) is plain
