@@ -1,0 +1,183 @@
+"""Named, parameterised two-view augmentation recipes, shared by the CPU and the on-device paths.
+
+A recipe is a pair of ``ViewConfig`` (one per view; equal except for BYOL). ``cpu_view_transform``
+turns a config into a torchvision pipeline on PIL images (decoded in the loader's workers);
+``datamodules.gpu_augment.GPUAugment`` samples the same parameters from the same distributions on the
+accelerator. Both apply the ops in one fixed order:
+
+    random resized crop -> horizontal flip -> colour jitter (its four ops in random order, with
+    probability p) -> grayscale -> Gaussian blur -> solarize -> normalise.
+
+Presets (``preset(name, image_size, strength, small_image)``):
+
+* ``simclr`` -- Chen et al. 2020 (SimCLR), appendix A: crop scale 0.08-1, flip, jitter
+  (0.8s, 0.8s, 0.8s, 0.2s) with p = 0.8, grayscale p = 0.2, blur p = 0.5 with sigma 0.1-2 and a
+  kernel of 10% of the image side.
+* ``moco_v1`` -- He et al. 2020 (MoCo): crop scale 0.2-1, grayscale p = 0.2, jitter (0.4, 0.4, 0.4,
+  0.4) always, flip. (The reference applies grayscale before the jitter; here it comes after, as in
+  the other recipes, so one pipeline serves all.)
+* ``moco_v2`` -- Chen et al. 2020 (MoCo v2): crop scale 0.2-1, jitter (0.4, 0.4, 0.4, 0.1) p = 0.8,
+  grayscale p = 0.2, blur p = 0.5 (sigma 0.1-2), flip.
+* ``byol`` -- Grill et al. 2020 (BYOL), table 6: asymmetric views, crop scale 0.08-1, flip, jitter
+  (0.4, 0.4, 0.2, 0.1) p = 0.8, grayscale p = 0.2, blur p = 1.0 / 0.1 (sigma 0.1-2, kernel 23 at
+  224), solarize p = 0.0 / 0.2.
+* ``seed`` -- the project's original example: RandomResizedCrop 512 with scale 0.3-1, flip,
+  ``ColorJitter(0.4, 0.4, 0.1)`` (brightness, contrast, saturation) with p = 0.8.
+
+``strength`` scales the jitter magnitudes (SimCLR's ``s``); ``small_image=True`` drops the blur (as
+SimCLR does on CIFAR-10, appendix B.9).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torchvision.transforms as T
+
+__all__ = [
+    "ViewConfig", "preset", "PRESETS", "cpu_view_transform", "eval_transform",
+    "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR10_MEAN", "CIFAR10_STD",
+]
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def blur_kernel_size(image_size: int, fraction: float = 0.1) -> int:
+    """An odd kernel of about ``fraction`` of the image side (SimCLR: 10%; 23 at 224)."""
+    k = max(3, int(round(image_size * fraction)))
+    return k if k % 2 == 1 else k + 1
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """The distribution of one view's augmentation; every op's probability and range is a field."""
+
+    size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel: int = 23
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5  # on images in [0, 1]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {p}")
+        if not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
+            raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if not 0.0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"crop ratio must satisfy 0 < min <= max, got {self.ratio}")
+        if self.size < 1:
+            raise ValueError(f"output size must be positive, got {self.size}")
+        if self.blur_kernel % 2 != 1:
+            raise ValueError(f"blur_kernel must be odd, got {self.blur_kernel}")
+        b, c, s, h = self.jitter
+        if min(b, c, s, h) < 0 or h > 0.5:
+            raise ValueError(f"jitter strengths must be >= 0 and hue <= 0.5, got {self.jitter}")
+
+    def replace(self, **changes) -> "ViewConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _simclr(size: int, s: float) -> list[ViewConfig]:
+    v = ViewConfig(size=size, scale=(0.08, 1.0), jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8,
+                   grayscale_p=0.2, blur_p=0.5, blur_kernel=blur_kernel_size(size))
+    return [v, v]
+
+
+def _moco_v1(size: int, s: float) -> list[ViewConfig]:
+    v = ViewConfig(size=size, scale=(0.2, 1.0), jitter=(0.4 * s, 0.4 * s, 0.4 * s, min(0.5, 0.4 * s)),
+                   jitter_p=1.0, grayscale_p=0.2, blur_p=0.0, blur_kernel=blur_kernel_size(size))
+    return [v, v]
+
+
+def _moco_v2(size: int, s: float) -> list[ViewConfig]:
+    v = ViewConfig(size=size, scale=(0.2, 1.0), jitter=(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s), jitter_p=0.8,
+                   grayscale_p=0.2, blur_p=0.5, blur_kernel=blur_kernel_size(size))
+    return [v, v]
+
+
+def _byol(size: int, s: float) -> list[ViewConfig]:
+    v = ViewConfig(size=size, scale=(0.08, 1.0), jitter=(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s), jitter_p=0.8,
+                   grayscale_p=0.2, blur_kernel=blur_kernel_size(size))
+    return [v.replace(blur_p=1.0, solarize_p=0.0), v.replace(blur_p=0.1, solarize_p=0.2)]
+
+
+def _seed(size: int, s: float) -> list[ViewConfig]:
+    v = ViewConfig(size=size, scale=(0.3, 1.0), jitter=(0.4 * s, 0.4 * s, 0.1 * s, 0.0), jitter_p=0.8,
+                   grayscale_p=0.0, blur_p=0.0, blur_kernel=blur_kernel_size(size))
+    return [v, v]
+
+
+PRESETS = {"simclr": _simclr, "moco_v1": _moco_v1, "moco_v2": _moco_v2, "byol": _byol, "seed": _seed}
+_DEFAULT_SIZE = {"seed": 512}
+
+
+def preset(
+    name: str,
+    image_size: int | None = None,
+    strength: float = 1.0,
+    small_image: bool = False,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> list[ViewConfig]:
+    """The two view configs of recipe ``name`` (see the module docstring) at ``image_size``
+    (224; 512 for ``seed``), jitter scaled by ``strength``; ``small_image`` drops the blur."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {sorted(PRESETS)}")
+    if strength < 0:
+        raise ValueError(f"strength must be >= 0, got {strength}")
+    size = image_size or _DEFAULT_SIZE.get(name, 224)
+    views = PRESETS[name](size, strength)
+    views = [v.replace(mean=tuple(mean), std=tuple(std)) for v in views]
+    if small_image:
+        views = [v.replace(blur_p=0.0) for v in views]
+    return views
+
+
+def cpu_view_transform(cfg: ViewConfig) -> T.Compose:
+    """A torchvision pipeline on one PIL image drawing from ``cfg``'s distribution.
+
+    Built from ``torchvision.transforms`` (v1): on PIL images it measured 10-20% faster than the
+    same ops from ``transforms.v2`` at 32x32, with the same parameter sampling."""
+    b, c, s, h = cfg.jitter
+    ops: list = [T.RandomResizedCrop(cfg.size, scale=cfg.scale, ratio=cfg.ratio, antialias=True)]
+    if cfg.flip_p > 0:
+        ops.append(T.RandomHorizontalFlip(cfg.flip_p))
+    if cfg.jitter_p > 0 and max(cfg.jitter) > 0:
+        ops.append(T.RandomApply([T.ColorJitter(b, c, s, h)], p=cfg.jitter_p))
+    if cfg.grayscale_p > 0:
+        ops.append(T.RandomGrayscale(cfg.grayscale_p))
+    if cfg.blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(cfg.blur_kernel, sigma=cfg.blur_sigma)], p=cfg.blur_p))
+    if cfg.solarize_p > 0:  # on the 8-bit PIL image: pixels >= threshold are inverted
+        ops.append(T.RandomSolarize(threshold=round(cfg.solarize_threshold * 255), p=cfg.solarize_p))
+    ops += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    return T.Compose(ops)
+
+
+def eval_transform(
+    resize: int | None = 256,
+    crop: int | None = 224,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> T.Compose:
+    """Evaluation views: resize the shorter side to ``resize``, centre crop ``crop`` (either may be
+    None to skip), normalise. ImageNet convention 256/224; CIFAR-10 uses the 32x32 image as is."""
+    ops: list = []
+    if resize:
+        ops.append(T.Resize(resize, antialias=True))
+    if crop:
+        ops.append(T.CenterCrop(crop))
+    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(ops)
