@@ -63,3 +63,59 @@ def moco_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of ``2 - 2 cos(p, z)``; ``z`` (the target projection) gets no gradient."""
     return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()
+
+
+# --------------------------------------------------------------------------------------------- CPC
+from collections.abc import Sequence  # noqa: E402
+
+__all__ += ["cpc_info_nce"]
+
+
+def cpc_info_nce(
+    predictions: torch.Tensor, targets: torch.Tensor, steps: Sequence[int], gather: bool = True
+) -> torch.Tensor:
+    """InfoNCE of image CPC: each prediction must pick its patch vector among all patch vectors.
+
+    Args:
+        predictions: ``B x S x D x rows x cols``; ``predictions[:, s, :, i, j]`` (= W_k c_ij for
+            ``k = steps[s]``) predicts ``targets[:, :, i + k, j]``. Rows ``i >= rows - k`` have no
+            target and are ignored.
+        targets: ``B x D x rows x cols`` patch vectors z.
+        steps: the offsets k (rows below) of the S predictions, each in ``1 .. rows - 1``.
+        gather: in a distributed run, the candidates are the patch vectors of every process
+            (gathered with gradients); a no-op in one process.
+    The logits are dot products ``z_n . W_k c_ij`` against all ``N = B x rows x cols`` candidates
+    (one matrix product per step): the positive, and as negatives every other patch of the same
+    image and of the other images. Returns the mean over steps of the mean cross entropy over
+    positions; it is ``log N`` when all logits are equal.
+    """
+    if predictions.ndim != 5 or targets.ndim != 4:
+        raise ValueError(
+            f"predictions must be B x S x D x rows x cols and targets B x D x rows x cols, got "
+            f"{tuple(predictions.shape)} and {tuple(targets.shape)}"
+        )
+    b, s, d, rows, cols = predictions.shape
+    if targets.shape != (b, d, rows, cols):
+        raise ValueError(f"targets of shape {tuple(targets.shape)} do not match predictions {tuple(predictions.shape)}")
+    if len(steps) != s:
+        raise ValueError(f"{s} predictions per position but {len(steps)} steps {list(steps)}")
+    if any(k < 1 or k >= rows for k in steps):
+        raise ValueError(f"every step must lie in 1..{rows - 1} for a grid of {rows} rows, got {list(steps)}")
+    # Logits in at least float32, also under mixed precision: unnormalised dot products overflow fp16.
+    dtype = torch.promote_types(targets.dtype, torch.float32)
+    predictions, targets = predictions.to(dtype), targets.to(dtype)
+    local = targets.permute(0, 2, 3, 1).reshape(b * rows * cols, d)  # row-major: (b, i, j)
+    candidates, offset = local, 0
+    if gather:
+        candidates = gather_with_grad(local)
+        offset = rank() * local.shape[0]
+    image = torch.arange(b, device=targets.device).view(b, 1, 1) * rows * cols
+    col = torch.arange(cols, device=targets.device).view(1, 1, cols)
+    losses = []
+    with torch.autocast(device_type=targets.device.type, enabled=False):
+        for idx, k in enumerate(steps):
+            queries = predictions[:, idx, :, : rows - k].permute(0, 2, 3, 1).reshape(-1, d)
+            row = torch.arange(k, rows, device=targets.device).view(1, rows - k, 1) * cols
+            positives = (offset + image + row + col).reshape(-1)  # index of the patch k rows below
+            losses.append(F.cross_entropy(queries @ candidates.T, positives))
+    return torch.stack(losses).mean()

@@ -1,0 +1,230 @@
+"""Contrastive Predictive Coding for images: CPC v1 (Oord et al. 2018, "Representation Learning with
+Contrastive Predictive Coding", sec. 3.3) and CPC v2 (Henaff et al. 2019, "Data-Efficient Image
+Recognition with Contrastive Predictive Coding")."""
+from __future__ import annotations
+
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_ssl.context import ContextNetwork
+from lightning_ssl.losses import cpc_info_nce
+from lightning_ssl.methods.base import SSLMethod
+from lightning_ssl.patches import augment_patches, extract_patches
+
+__all__ = ["CPC", "CPCv2", "batch_norm_to_layer_norm"]
+
+
+def batch_norm_to_layer_norm(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm2d`` of ``module`` (in place) by ``GroupNorm(1, C)``, i.e. layer norm
+    over C, H, W of each sample, as CPC v2 does in its encoder. Returns ``module``."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            norm = nn.GroupNorm(1, child.num_features, eps=child.eps, affine=child.affine)
+            ref = next(iter([*child.parameters(), *child.buffers()]), None)
+            setattr(module, name, norm if ref is None else norm.to(ref.device))
+        else:
+            batch_norm_to_layer_norm(child)
+    return module
+
+
+class CPC(SSLMethod):
+    """CPC v1: an encoder on a grid of overlapping patches, a causal context network over rows, and
+    InfoNCE on predictions of the patch vectors up to ``prediction_steps`` rows below.
+
+    Each image is cut into a grid of ``patch_size`` patches every ``patch_stride`` pixels (paper:
+    256x256 images, 7x7 grid of 64x64 patches, stride 32; for 32x32 images 8x8 patches, stride 4).
+    The backbone, mean-pooled, maps every patch to a vector, linearly projected to ``embedding_dim``
+    (paper: 1024) when given, forming z (``B x D x 7 x 7``). A PixelCNN-style network
+    (``ContextNetwork``) gives contexts c that see rows ``<= i``; ``W_k c_ij`` predicts
+    ``z_{i+k, j}`` for k in ``first_step .. prediction_steps`` (paper: up to 5 rows below) against
+    every other patch of the batch as negatives (``cpc_info_nce``).
+
+    Optimisation: the papers use Adam; defaults here are AdamW with lr 2e-4 for a global batch of
+    256 (``base_lr``, scaled linearly; pass ``lr`` to fix it), no weight decay, constant schedule.
+
+    Evaluation features (``representation``) are the frozen backbone's patch features averaged over
+    the grid (before the projection), for this backbone or a ``random_init_backbone()``.
+
+    Args beyond ``SSLMethod``'s:
+        patch_size, patch_stride: the grid; ``grid_size`` optionally requires a square grid of that
+            many rows (images must then have side ``(grid_size - 1) * patch_stride + patch_size``).
+        embedding_dim: width of z; ``None`` uses the backbone's features directly.
+        context_hidden_dim, context_blocks, context_kernel_size: the context network.
+        prediction_steps, first_step: the row offsets k predicted.
+        bidirectional: also predict bottom-up with a second context network and predictors (v2).
+        encoder_norm: ``"batch"`` keeps the backbone's batch norm; ``"layer"`` turns every
+            ``BatchNorm2d`` of a torchvision backbone into ``GroupNorm(1, C)`` (v2). A module passed
+            as ``backbone`` is used as given.
+        patch_augment, patch_crop_fraction, flip_prob, color_drop_prob: per-patch augmentation
+            in training mode (v2; see ``augment_patches``).
+        gather_distributed: negatives from every process in a distributed run.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet50",
+        small_image: bool = False,
+        patch_size: int = 64,
+        patch_stride: int = 32,
+        grid_size: int | None = None,
+        embedding_dim: int | None = 1024,
+        context_hidden_dim: int = 256,
+        context_blocks: int = 5,
+        context_kernel_size: int = 3,
+        prediction_steps: int = 5,
+        first_step: int = 1,
+        bidirectional: bool = False,
+        encoder_norm: str = "batch",
+        patch_augment: bool = False,
+        patch_crop_fraction: float = 0.875,
+        flip_prob: float = 0.5,
+        color_drop_prob: float = 0.5,
+        gather_distributed: bool = True,
+        optimizer: str = "adamw",
+        base_lr: float = 2e-4,
+        lr: float | None = None,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        warmup_epochs: float = 0,
+        schedule: str = "constant",
+    ):
+        super().__init__(backbone, small_image, optimizer, base_lr, lr, weight_decay, momentum, warmup_epochs, schedule)
+        if encoder_norm not in ("batch", "layer"):
+            raise ValueError(f"encoder_norm must be 'batch' or 'layer', got {encoder_norm!r}")
+        if not 1 <= first_step <= prediction_steps:
+            raise ValueError(
+                f"need 1 <= first_step <= prediction_steps, got first_step={first_step}, prediction_steps={prediction_steps}"
+            )
+        if grid_size is not None and grid_size <= prediction_steps:
+            raise ValueError(
+                f"a grid of {grid_size} rows cannot predict {prediction_steps} rows below; "
+                f"use prediction_steps <= {grid_size - 1}"
+            )
+        self.patch_size, self.patch_stride, self.grid_size = patch_size, patch_stride, grid_size
+        self.steps = list(range(first_step, prediction_steps + 1))
+        self.bidirectional = bidirectional
+        self.encoder_norm = encoder_norm
+        self.patch_augment = patch_augment
+        self.patch_crop_fraction, self.flip_prob, self.color_drop_prob = patch_crop_fraction, flip_prob, color_drop_prob
+        self.gather_distributed = gather_distributed
+        if encoder_norm == "layer":
+            if isinstance(backbone, str):
+                batch_norm_to_layer_norm(self.backbone)
+            elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.backbone.modules()):
+                rank_zero_warn(
+                    "encoder_norm='layer' converts the batch norm of torchvision backbones only; the module "
+                    "you passed keeps its batch norm layers. Build it with GroupNorm(1, C) for CPC v2."
+                )
+        dim = embedding_dim or self.feature_dim
+        self.projector = nn.Linear(self.feature_dim, dim) if embedding_dim else nn.Identity()
+        self.embedding_dim = dim
+        context = lambda: ContextNetwork(dim, context_hidden_dim, context_blocks, context_kernel_size)  # noqa: E731
+        # W_k for every k at once: one 1x1 convolution with len(steps) x D outputs.
+        predictor = lambda: nn.Conv2d(dim, len(self.steps) * dim, 1, bias=False)  # noqa: E731
+        self.context, self.predictor = context(), predictor()
+        if bidirectional:
+            self.context_up, self.predictor_up = context(), predictor()
+
+    # ----------------------------------------------------------------- representation
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """``B x rows x cols x C x P x P`` patch grid of ``images``."""
+        return extract_patches(images, self.patch_size, self.patch_stride, self.grid_size)
+
+    @staticmethod
+    def encode_patches(patches: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+        """Backbone features of every patch: ``B x rows x cols x C x P x P`` to ``B x rows x cols x F``."""
+        b, rows, cols = patches.shape[:3]
+        features = backbone(patches.reshape(b * rows * cols, *patches.shape[3:]))
+        return features.view(b, rows, cols, -1)
+
+    def representation(self, images: torch.Tensor, backbone: nn.Module | None = None) -> torch.Tensor:
+        """Backbone features of the patch grid averaged over the grid: ``B x feature_dim``."""
+        backbone = self.backbone if backbone is None else backbone
+        return self.encode_patches(self.patches(images), backbone).mean(dim=(1, 2))
+
+    def random_init_backbone(self, seed: int = 0) -> nn.Module:
+        module = super().random_init_backbone(seed)
+        if self.encoder_norm == "layer" and isinstance(self.hparams.get("backbone"), str):
+            module = batch_norm_to_layer_norm(module).to(self.device)
+        return module
+
+    # ----------------------------------------------------------------------- training
+    def _direction_loss(self, z: torch.Tensor, context: nn.Module, predictor: nn.Module) -> torch.Tensor:
+        b, d, rows, cols = z.shape
+        predictions = predictor(context(z)).view(b, len(self.steps), d, rows, cols)
+        return cpc_info_nce(predictions, z, self.steps, gather=self.gather_distributed)
+
+    def loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CPC losses of a batch of images: ``{"loss", "top_down"}`` and, if bidirectional, ``"bottom_up"``."""
+        patches = self.patches(images)
+        b, rows, cols = patches.shape[:3]
+        if rows <= self.steps[-1]:
+            raise ValueError(
+                f"images of {images.shape[2]}x{images.shape[3]} give {rows} rows of patches, too few to predict "
+                f"{self.steps[-1]} rows below; use larger images, a smaller patch_stride or fewer prediction_steps"
+            )
+        if self.patch_augment and self.training:
+            flat = patches.reshape(b * rows * cols, *patches.shape[3:])
+            flat = augment_patches(flat, self.patch_crop_fraction, self.flip_prob, self.color_drop_prob)
+            patches = flat.view(patches.shape)
+        z = self.projector(self.encode_patches(patches, self.backbone)).permute(0, 3, 1, 2)  # B x D x rows x cols
+        out = {"top_down": self._direction_loss(z, self.context, self.predictor)}
+        out["loss"] = out["top_down"]
+        if self.bidirectional:
+            out["bottom_up"] = self._direction_loss(z.flip(2), self.context_up, self.predictor_up)
+            out["loss"] = (out["top_down"] + out["bottom_up"]) / 2
+        return out
+
+    def training_step(self, batch, batch_idx):
+        views, _ = batch
+        images = views[0] if isinstance(views, (list, tuple)) else views
+        losses = self.loss(images)
+        if self.bidirectional:
+            self.log("train/loss_top_down", losses["top_down"])
+            self.log("train/loss_bottom_up", losses["bottom_up"])
+        self.log("train/loss", losses["loss"], prog_bar=True)
+        return losses["loss"]
+
+
+class CPCv2(CPC):
+    """CPC v2 (Henaff et al. 2019): CPC with layer norm instead of batch norm in the encoder,
+    per-patch augmentation (random crops inside each patch, flips, colour dropping) and predictions
+    both top-down and bottom-up (the loss is their mean). Same arguments as ``CPC``; only the
+    v2 defaults differ (``bidirectional=True``, ``encoder_norm="layer"``, ``patch_augment=True``).
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet50",
+        small_image: bool = False,
+        patch_size: int = 64,
+        patch_stride: int = 32,
+        grid_size: int | None = None,
+        embedding_dim: int | None = 1024,
+        context_hidden_dim: int = 256,
+        context_blocks: int = 5,
+        context_kernel_size: int = 3,
+        prediction_steps: int = 5,
+        first_step: int = 1,
+        bidirectional: bool = True,
+        encoder_norm: str = "layer",
+        patch_augment: bool = True,
+        patch_crop_fraction: float = 0.875,
+        flip_prob: float = 0.5,
+        color_drop_prob: float = 0.5,
+        gather_distributed: bool = True,
+        optimizer: str = "adamw",
+        base_lr: float = 2e-4,
+        lr: float | None = None,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        warmup_epochs: float = 0,
+        schedule: str = "constant",
+    ):
+        super().__init__(
+            backbone, small_image, patch_size, patch_stride, grid_size, embedding_dim, context_hidden_dim,
+            context_blocks, context_kernel_size, prediction_steps, first_step, bidirectional, encoder_norm,
+            patch_augment, patch_crop_fraction, flip_prob, color_drop_prob, gather_distributed, optimizer,
+            base_lr, lr, weight_decay, momentum, warmup_epochs, schedule,
+        )
