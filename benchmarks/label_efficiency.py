@@ -115,13 +115,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         pts = sorted((r["num_labelled"], r["miou"]) for r in rows if r["start"] == start)
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=start)
     ax.set_xscale("log")
+    ax.minorticks_off()
     sizes = sorted({r["num_labelled"] for r in rows})
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("labelled training images")
     ax.set_ylabel("mIoU (%), 19 classes")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(title="FCN-8s backbone start")
+    ax.legend(title="FCN-8s backbone start", fontsize=8, title_fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -171,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         print("making the SSL start (SimCLR on unlabelled train + train_extra)", flush=True)
         args.ssl_checkpoint = make_ssl_start(args.root, args.arch, args.synthetic_demo / "simclr.ckpt", args.demo_ssl_epochs,
                                              image_size=args.crop_size, batch_size=32, seed=args.seed)
-        title = (f"SYNTHETIC demo (generated Cityscapes-layout tree, {args.demo_width}x{args.demo_height}), "
-                 f"{args.arch}, {args.steps} steps/run")
+        title = (f"SYNTHETIC demo, not Cityscapes: generated {args.demo_width}x{args.demo_height} tree\n"
+                 f"{args.arch}, {args.steps} optimizer steps per run, CPU")
     if args.root is None:
         parser.error("--root (a Cityscapes directory) or --synthetic-demo DIR is required")
 
