@@ -283,7 +283,6 @@ def _ddp_worker(rank_: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.slow  # spawning two processes costs tens of seconds on a loaded 2-core machine
 def test_probe_and_knn_features_under_ddp(tmp_path):
     import torch.multiprocessing as mp
 
