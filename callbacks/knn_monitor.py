@@ -3,15 +3,43 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader, Subset
 
+from lightning_ssl.distributed import gather_no_grad, rank, world_size
 from lightning_ssl.evaluation.knn import extract_features, few_labels_subset, weighted_knn_predict
 
 __all__ = ["KNNMonitor"]
 
 
+def _extract_sharded(encode, loader: DataLoader, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of the whole split, in dataset order. Under DDP each process encodes
+    every ``world_size``-th example and the features are gathered (``gather_no_grad``), so every
+    process holds the same full set for the kNN vote."""
+    world = world_size()
+    if world == 1 or len(loader.dataset) < world:
+        return extract_features(encode, loader, device)
+    n = len(loader.dataset)
+    mine = torch.arange(rank(), n, world)
+    shard = DataLoader(Subset(loader.dataset, mine.tolist()), batch_size=loader.batch_size or 256, shuffle=False)
+    feats, labels = extract_features(encode, shard, device)
+    per_rank = -(-n // world)  # all_gather needs equal sizes: pad, and mark the padding with index -1
+    pad = per_rank - len(mine)
+    index = torch.cat([mine, torch.full((pad,), -1)]).to(device)
+    feats = torch.cat([feats, feats.new_zeros(pad, feats.shape[1])]).to(device)
+    labels = torch.cat([labels.long(), labels.new_zeros(pad).long()]).to(device)
+    index, feats, labels = gather_no_grad(index), gather_no_grad(feats).cpu(), gather_no_grad(labels).cpu()
+    index = index.cpu()
+    keep = index >= 0
+    order = index[keep].argsort()
+    return feats[keep][order], labels[keep][order]
+
+
 class KNNMonitor(pl.Callback):
     """Weighted kNN top-1 (k = 200, T = 0.1; Wu et al. 2018) on the datamodule's labelled
     validation split against its labelled training split.
+
+    Under DDP every process encodes a disjoint shard of each split and the features are gathered
+    across processes, so all processes vote with the same full feature bank.
 
     Needs ``trainer.datamodule.labelled_dataloader(split)`` for ``split`` in ``"train"``, ``"val"``,
     yielding un-augmented ``(images, labels)``. Logs ``val/knn_top1`` every ``every_n_epochs``
@@ -53,8 +81,8 @@ class KNNMonitor(pl.Callback):
             backbone.eval()
         try:
             encode = lambda x: pl_module.representation(x, backbone=backbone)  # noqa: E731
-            train_x, train_y = extract_features(encode, train_loader, pl_module.device)
-            val_x, val_y = extract_features(encode, val_loader, pl_module.device)
+            train_x, train_y = _extract_sharded(encode, train_loader, pl_module.device)
+            val_x, val_y = _extract_sharded(encode, val_loader, pl_module.device)
         finally:
             pl_module.train(was_training)
         num_classes = int(torch.cat([train_y, val_y]).max()) + 1

@@ -3,6 +3,7 @@
     lightning-ssl fit --config configs/quickstart.yaml
     lightning-ssl fit --config configs/simclr_cifar10.yaml --trainer.max_epochs 10
     python -m lightning_ssl validate --config ... --ckpt_path ...
+    lightning-ssl export CKPT OUT.pt      # encoder as a torchvision state_dict
 
 ``--model`` takes any ``SSLMethod`` subclass (``lightning_ssl.SimCLR``, ``MoCo``, ``MoCoV2``,
 ``BYOL``, ...) and ``--data`` any ``LightningDataModule``.
@@ -33,6 +34,13 @@ class SSLCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:
+        from lightning_ssl.evaluation.export import export_main
+
+        return export_main(argv[1:])
     import datamodules  # noqa: F401  (registers the datamodules for short class names)
     import callbacks  # noqa: F401
 

@@ -1,0 +1,147 @@
+"""Semantic segmentation with an FCN-8s head on a ResNet (Long et al. 2015, "Fully Convolutional
+Networks for Semantic Segmentation").
+
+FCN-8s: 1x1 score layers on the stride-32, -16 and -8 features (ResNet ``layer4``, ``layer3``,
+``layer2``); the stride-32 scores are upsampled x2 and added to the stride-16 scores, the sum is
+upsampled x2 and added to the stride-8 scores, and the result is upsampled x8 to the input size.
+Upsampling is bilinear (the paper initialises its deconvolutions to bilinear interpolation; the
+final x8 one is kept fixed). The two skip score layers start at zero, as in the paper.
+
+``SegmentationModule`` trains it with cross-entropy ignoring 255, SGD (momentum 0.9, weight decay
+1e-4) and the poly learning-rate decay (power 0.9), and reports mIoU over the classes
+(``val/miou``, torchmetrics' ``MulticlassJaccardIndex``, classes absent from both prediction and
+ground truth of the whole split excluded). The backbone starts from random weights, a supervised
+torchvision state_dict file (e.g. ImageNet weights saved locally), or any method's checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from lightning_ssl.backbones import PooledBackbone
+from lightning_ssl.evaluation.export import load_encoder
+
+__all__ = ["FCN8s", "SegmentationModule", "build_segmentation_backbone", "mean_iou", "IGNORE_INDEX"]
+
+IGNORE_INDEX = 255
+
+
+def _as_resnet(encoder: nn.Module) -> torchvision.models.ResNet:
+    model = encoder.module if isinstance(encoder, PooledBackbone) else encoder
+    needed = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+    if not all(hasattr(model, n) for n in needed):
+        raise TypeError(
+            f"FCN-8s needs a ResNet encoder (attributes {', '.join(needed)}), got {type(model).__name__}"
+        )
+    return model
+
+
+def _out_channels(layer: nn.Module) -> int:
+    last = layer[-1]
+    conv = getattr(last, "conv3", None) or getattr(last, "conv2")
+    return conv.out_channels
+
+
+class FCN8s(nn.Module):
+    """FCN-8s head on a ResNet encoder (a torchvision ResNet or ``build_backbone``'s wrapper)."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int = 19):
+        super().__init__()
+        self.encoder = _as_resnet(encoder)
+        self.score8 = nn.Conv2d(_out_channels(self.encoder.layer2), num_classes, 1)
+        self.score16 = nn.Conv2d(_out_channels(self.encoder.layer3), num_classes, 1)
+        self.score32 = nn.Conv2d(_out_channels(self.encoder.layer4), num_classes, 1)
+        for skip in (self.score8, self.score16):
+            nn.init.zeros_(skip.weight)
+            nn.init.zeros_(skip.bias)
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        e = self.encoder
+        x = e.maxpool(e.relu(e.bn1(e.conv1(x))))
+        c8 = e.layer2(e.layer1(x))
+        c16 = e.layer3(c8)
+        c32 = e.layer4(c16)
+        return c8, c16, c32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c8, c16, c32 = self.features(x)
+        up = lambda t, ref: F.interpolate(t, size=ref.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731
+        s16 = self.score16(c16) + up(self.score32(c32), c16)
+        s8 = self.score8(c8) + up(s16, c8)
+        return up(s8, x)
+
+
+def build_segmentation_backbone(arch: str = "resnet50", init: str | Path | None = None) -> nn.Module:
+    """A ResNet encoder: random (``init=None``), or from a file: a torchvision state_dict
+    (supervised weights, or ``lightning-ssl export`` output) or any method's Lightning checkpoint."""
+    if init is None or str(init) == "random":
+        return torchvision.models.get_model(arch, weights=None)
+    encoder, _ = load_encoder(init, arch=arch)
+    return encoder
+
+
+def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 19) -> float:
+    """mIoU of index predictions against targets (255 ignored), as ``SegmentationModule`` reports it."""
+    metric = MulticlassJaccardIndex(num_classes, ignore_index=IGNORE_INDEX, average="macro")
+    return float(metric(pred.flatten(), target.flatten()))
+
+
+class SegmentationModule(pl.LightningModule):
+    """FCN-8s training and mIoU evaluation (see the module docstring).
+
+    Args:
+        arch: torchvision ResNet name (``resnet50`` in the seed's experiment; any ResNet works).
+        init: ``None``/``"random"``, or a file (supervised torchvision weights, an exported encoder,
+            or an SSL checkpoint of any method).
+        num_classes: 19 for Cityscapes.
+        lr, momentum, weight_decay: SGD (0.01, 0.9, 1e-4: FCN/DeepLab-style Cityscapes training).
+        poly_power: the learning rate decays as ``(1 - step / total) ** poly_power``.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        init: str | None = None,
+        num_classes: int = 19,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        poly_power: float = 0.9,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = FCN8s(build_segmentation_backbone(arch, init), num_classes)
+        self.val_miou = MulticlassJaccardIndex(num_classes, ignore_index=IGNORE_INDEX, average="macro")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def training_step(self, batch, batch_idx):
+        images, masks = batch
+        loss = F.cross_entropy(self(images), masks, ignore_index=IGNORE_INDEX)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images, masks = batch
+        logits = self(images)
+        self.log("val/loss", F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX), sync_dist=True)
+        self.val_miou.update(logits.argmax(1), masks)
+        self.log("val/miou", self.val_miou, prog_bar=True)
+
+    test_step = validation_step
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(0.0, 1 - step / total) ** hp.poly_power
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,72 @@
+"""FCN-8s head, mIoU, and a short training run on a generated Cityscapes-layout tree."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.make_synthetic_cityscapes import make_synthetic_cityscapes  # noqa: E402
+from datamodules import CityscapesDataModule  # noqa: E402
+from lightning_ssl import SimCLR, build_backbone  # noqa: E402
+from lightning_ssl.evaluation import FCN8s, SegmentationModule, mean_iou  # noqa: E402
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_fcn8s_output_has_input_spatial_size(arch):
+    encoder, _ = build_backbone(arch)
+    model = FCN8s(encoder, num_classes=19).eval()
+    for h, w in [(32, 64), (37, 53)]:
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, h, w))
+        assert out.shape == (1, 19, h, w)
+
+
+def test_fcn8s_fuses_all_three_strides():
+    model = FCN8s(torchvision.models.resnet18(), num_classes=3)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).square().mean().backward()
+    for layer in (model.score8, model.score16, model.score32):
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_miou_of_perfect_prediction_is_one_and_ignores_255():
+    target = torch.randint(0, 19, (2, 16, 16))
+    target[:, :4] = 255
+    pred = target.clone()
+    pred[:, :4] = 3  # anything where the target is ignored
+    assert mean_iou(pred, target) == pytest.approx(1.0)
+    pred[0, 8, 8] = (target[0, 8, 8] + 1) % 19
+    assert mean_iou(pred, target) < 1.0
+
+
+def test_backbone_from_ssl_checkpoint_and_supervised_file(tmp_path):
+    ssl = SimCLR(backbone="resnet18")
+    ckpt = tmp_path / "ssl.ckpt"
+    torch.save({"state_dict": ssl.state_dict(), "hyper_parameters": dict(ssl.hparams)}, ckpt)
+    seg = SegmentationModule("resnet18", init=str(ckpt))
+    assert torch.equal(seg.model.encoder.layer3[0].conv1.weight, ssl.backbone.module.layer3[0].conv1.weight)
+    supervised = torchvision.models.resnet18(num_classes=19)  # any classifier size
+    torch.save(supervised.state_dict(), tmp_path / "sup.pt")
+    seg = SegmentationModule("resnet18", init=str(tmp_path / "sup.pt"))
+    assert torch.equal(seg.model.encoder.conv1.weight, supervised.conv1.weight)
+
+
+def test_training_on_generated_tree_improves_miou(tmp_path):
+    torch.set_num_threads(2)
+    root = make_synthetic_cityscapes(tmp_path / "cs", num_train=16, num_val=4, width=64, height=32)
+    dm = CityscapesDataModule(str(root), mode="segmentation", batch_size=8, num_workers=0, crop_size=32, base_size=32,
+                              scale_range=(0.75, 1.25))
+    model = SegmentationModule("resnet18", num_classes=19, lr=0.05)
+    trainer = pl.Trainer(max_epochs=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         inference_mode=False)  # validate() before fit() on one trainer
+    before = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/miou"]
+    trainer.fit(model, datamodule=dm)
+    after = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/miou"]
+    print(f"mIoU before {before:.3f} after {after:.3f}")
+    assert after > 2 * before + 0.02, (before, after)
