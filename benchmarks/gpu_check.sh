@@ -38,7 +38,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 stage 130 epoch "$PY" benchmarks/gpu_epoch.py --methods simclr byol mocov2 --batch-size 512 --epochs 2 \
   --json "$OUT/epoch.json"
-stage 100 epoch_compiled "$PY" benchmarks/gpu_epoch.py --methods simclr --batch-size 512 --epochs 2 --compile \
+stage 100 epoch_compiled "$PY" benchmarks/gpu_epoch.py --methods simclr --batch-size 512 --epochs 2 --compile --data random \
   --json "$OUT/epoch_compiled.json"
 TP=(--device cuda --batch-size 512 --image-size 32 --warmup 10 --steps 40)
 stage 110 overhead "$PY" benchmarks/train_throughput.py "${TP[@]}" --methods simclr mocov2 byol \

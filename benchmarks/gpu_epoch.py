@@ -89,6 +89,8 @@ def run(name: str, args, images, labels) -> dict:
     from pytorch_lightning.loggers import CSVLogger
 
     torch.manual_seed(0)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     model = METHODS[name](backbone=args.backbone, small_image=True, channels_last=args.channels_last,
                           compile_backbone=args.compile, fused_optimizer=args.fused, warmup_epochs=0,
                           **({"queue_size": args.queue_size} if name == "mocov2" else {}))

@@ -202,9 +202,11 @@ def bare_loop(model, loader, device, total, precision="32-true", channels_last=F
             window_start = time.perf_counter()
         stamps.append(time.perf_counter())
         views = [v.to(device, non_blocking=True) for v in views]
-        optimizer.zero_grad(set_to_none=True)
         with autocast:
             loss, extra = step_fn(model, views, step, total)
+        # Lightning's order (forward, zero_grad, backward): on CPU, freeing the old gradients before the
+        # forward instead changes the allocation pattern enough to cost about 8% (page faults).
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
