@@ -3,8 +3,14 @@
 - ``nt_xent``: SimCLR's normalized temperature-scaled cross entropy (Chen et al. 2020, eq. 1).
 - ``moco_info_nce``: MoCo's InfoNCE with a queue of negatives (He et al. 2020, eq. 1).
 - ``byol_loss``: BYOL's normalized regression 2 - 2 cos(p, z) (Grill et al. 2020, eq. 2).
+
+Each loss computes in float32 with autocast off (``_float32``), so under ``precision="bf16-mixed"``
+(or 16-mixed) the normalisation, the similarity logits and the softmax are not rounded to 16 bits;
+gradients flow back to the 16-bit projections through the casts.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +20,24 @@ from lightning_ssl.distributed import gather_with_grad, rank
 __all__ = ["nt_xent", "moco_info_nce", "byol_loss"]
 
 
+def _float32(loss_fn):
+    """Run ``loss_fn`` with autocast disabled and its 16-bit tensor arguments cast to float32
+    (float32 and float64 inputs are left as they are)."""
+
+    @functools.wraps(loss_fn)
+    def wrapper(*args, **kwargs):
+        low = (torch.float16, torch.bfloat16)
+        cast = lambda x: x.float() if isinstance(x, torch.Tensor) and x.dtype in low else x  # noqa: E731
+        args = [cast(a) for a in args]
+        kwargs = {k: cast(v) for k, v in kwargs.items()}
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return loss_fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_float32
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:
     """NT-Xent over the 2N views: each view's positive is its pair, all other 2N-2 views are negatives.
 
@@ -46,6 +70,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather
     return F.cross_entropy(logits, pos_idx)
 
 
+@_float32
 def moco_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
     """InfoNCE of MoCo: positive q.k, negatives q.queue (the queue holds K normalised keys, ``K x D``).
 
@@ -60,6 +85,7 @@ def moco_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
     return F.cross_entropy(logits, labels)
 
 
+@_float32
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of ``2 - 2 cos(p, z)``; ``z`` (the target projection) gets no gradient."""
     return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()

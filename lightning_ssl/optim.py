@@ -21,7 +21,12 @@ __all__ = ["LARS", "split_weight_decay", "lr_lambda", "scaled_lr", "build_optimi
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rate scaling (SimCLR's TF implementation)."""
+    """SGD with momentum and layer-wise adaptive rate scaling (SimCLR's TF implementation).
+
+    Every step is multi-tensor (``torch._foreach_*``), with the trust ratios computed for all layers at
+    once and no host synchronisation. ``fused=True`` takes the momentum/update part as one fused SGD
+    kernel (``torch._fused_sgd_``) after the trust-ratio scaling; the result is the same.
+    """
 
     def __init__(
         self,
@@ -31,10 +36,11 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         eta: float = 0.001,
         lars_exclude: bool = False,
+        fused: bool = False,
     ):
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=lars_exclude)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=lars_exclude, fused=fused)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -51,19 +57,24 @@ class LARS(torch.optim.Optimizer):
             if not group["lars_exclude"]:
                 if group["weight_decay"] != 0:
                     grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-                w_norms = torch._foreach_norm(params)
-                g_norms = torch._foreach_norm(grads)
-                ratios = [
-                    torch.where((w > 0) & (g > 0), group["eta"] * w / g, torch.ones_like(w))
-                    for w, g in zip(w_norms, g_norms)
-                ]
-                grads = torch._foreach_mul(grads, ratios)
+                w_norms = torch.stack(torch._foreach_norm(params))
+                g_norms = torch.stack(torch._foreach_norm(grads))
+                ratios = torch.where(
+                    (w_norms > 0) & (g_norms > 0), group["eta"] * w_norms / g_norms, torch.ones_like(w_norms)
+                )
+                grads = torch._foreach_mul(grads, list(ratios.unbind()))
             bufs = []
-            for p, g in zip(params, grads):
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(state["momentum_buffer"])
+            if group.get("fused", False):
+                torch._fused_sgd_(
+                    params, list(grads), bufs, weight_decay=0.0, momentum=group["momentum"], lr=group["lr"],
+                    dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
+                )
+                continue
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, grads)
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
@@ -105,13 +116,17 @@ def scaled_lr(base_lr: float, global_batch_size: int) -> float:
     return base_lr * global_batch_size / 256
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
-    """``lars``, ``sgd`` or ``adamw`` over parameter groups from ``split_weight_decay``."""
+def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float, fused: bool = False) -> torch.optim.Optimizer:
+    """``lars``, ``sgd`` or ``adamw`` over parameter groups from ``split_weight_decay``.
+
+    Steps are multi-tensor (``foreach``) by default, on every device; ``fused=True`` uses fused kernels.
+    """
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum)
+        return LARS(groups, lr=lr, momentum=momentum, fused=fused)
     plain = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
+    impl = {"fused": True} if fused else {"foreach": True}
     if name == "sgd":
-        return torch.optim.SGD(plain, lr=lr, momentum=momentum)
+        return torch.optim.SGD(plain, lr=lr, momentum=momentum, **impl)
     if name == "adamw":
-        return torch.optim.AdamW(plain, lr=lr)
+        return torch.optim.AdamW(plain, lr=lr, **impl)
     raise ValueError(f"unknown optimizer {name!r}; use 'lars', 'sgd' or 'adamw'")

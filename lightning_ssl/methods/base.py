@@ -32,6 +32,16 @@ class SSLMethod(pl.LightningModule):
         momentum: SGD/LARS momentum.
         warmup_epochs: linear warmup length (fractions allowed).
         schedule: ``cosine``, ``step`` (x0.1 at 60% and 80%) or ``constant``.
+
+    Fast-path options (none changes what is computed; see ``docs/speed.md``):
+        channels_last: keep 4-d weights (hence conv activations) in NHWC memory format, applied in
+            ``setup``; faster convolutions with tensor cores and oneDNN.
+        compile_backbone: ``torch.compile`` the backbone (and its momentum copy) in place, in ``setup``;
+            the state_dict keys are unchanged.
+        fused_optimizer: one fused kernel per parameter group for the optimizer step (``fused=True``
+            for SGD/AdamW; LARS scales the gradients by the trust ratio with foreach ops, then takes a
+            fused SGD step). Off: foreach (multi-tensor) steps, LARS included.
+    Mixed precision is the Trainer's ``precision="bf16-mixed"``; the losses compute in float32.
     """
 
     def __init__(
@@ -45,6 +55,9 @@ class SSLMethod(pl.LightningModule):
         momentum: float,
         warmup_epochs: float,
         schedule: str,
+        channels_last: bool = False,
+        compile_backbone: bool = False,
+        fused_optimizer: bool = False,
     ):
         super().__init__()
         # Collects the arguments of the subclass's __init__ too. A module given as backbone is not a
@@ -62,8 +75,30 @@ class SSLMethod(pl.LightningModule):
         self.small_image = small_image
         self.optim_config = dict(
             optimizer=optimizer, base_lr=base_lr, lr=lr, weight_decay=weight_decay, momentum=momentum,
-            warmup_epochs=warmup_epochs, schedule=schedule,
+            warmup_epochs=warmup_epochs, schedule=schedule, fused=fused_optimizer,
         )
+        self.channels_last, self.compile_backbone = channels_last, compile_backbone
+        self._compiled = False
+
+    # ------------------------------------------------------------------- fast path
+    def setup(self, stage: str) -> None:
+        """Apply ``channels_last`` and ``compile_backbone`` once every submodule exists (targets included)."""
+        if self.channels_last:
+            # Weights in NHWC make every convolution (and the BN/ReLU after it) run channels-last;
+            # the first convolution converts the NCHW input itself.
+            self.to(memory_format=torch.channels_last)
+        if self.compile_backbone and not self._compiled:
+            for module in self._backbone_modules():
+                module.compile()  # in place: parameter names (checkpoint keys) do not change
+            self._compiled = True
+
+    def _backbone_modules(self) -> list[nn.Module]:
+        """The backbone and the momentum copies paired with it (``momentum_pairs``), if any."""
+        modules = [self.backbone]
+        pairs = getattr(self, "momentum_pairs", None)
+        if callable(pairs):
+            modules += [target for online, target in pairs() if online is self.backbone]
+        return modules
 
     # ----------------------------------------------------------------- representation
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -108,7 +143,7 @@ class SSLMethod(pl.LightningModule):
         steps_per_epoch = total_steps / max_epochs if max_epochs and max_epochs > 0 else total_steps
         warmup_steps = int(round(cfg["warmup_epochs"] * steps_per_epoch))
         groups = split_weight_decay([self], cfg["weight_decay"])
-        optimizer = build_optimizer(cfg["optimizer"], groups, lr=lr, momentum=cfg["momentum"])
+        optimizer = build_optimizer(cfg["optimizer"], groups, lr=lr, momentum=cfg["momentum"], fused=cfg["fused"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_lambda(step, total_steps, warmup_steps, cfg["schedule"])
         )

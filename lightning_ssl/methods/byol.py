@@ -36,8 +36,14 @@ class BYOL(SSLMethod):
         momentum: float = 0.9,
         warmup_epochs: float = 10,
         schedule: str = "cosine",
+        channels_last: bool = False,
+        compile_backbone: bool = False,
+        fused_optimizer: bool = False,
     ):
-        super().__init__(backbone, small_image, optimizer, base_lr, lr, weight_decay, momentum, warmup_epochs, schedule)
+        super().__init__(
+            backbone, small_image, optimizer, base_lr, lr, weight_decay, momentum, warmup_epochs, schedule,
+            channels_last=channels_last, compile_backbone=compile_backbone, fused_optimizer=fused_optimizer,
+        )
         if not 0.0 <= tau_base <= tau_final <= 1.0:
             raise ValueError(f"need 0 <= tau_base <= tau_final <= 1, got {tau_base} and {tau_final}")
         self.tau_base, self.tau_final = tau_base, tau_final
@@ -63,5 +69,5 @@ class BYOL(SSLMethod):
             z1 = self.projector_target(self.backbone_target(x1))
             z2 = self.projector_target(self.backbone_target(x2))
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # no prog_bar: Lightning would .item() it (a host sync) every step
         return loss

@@ -54,12 +54,18 @@ class MoCo(SSLMethod):
         warmup_epochs: float = 0,
         schedule: str | None = None,
         shuffle_bn: bool = True,
+        channels_last: bool = False,
+        compile_backbone: bool = False,
+        fused_optimizer: bool = False,
     ):
         if version not in _VERSION_DEFAULTS:
             raise ValueError(f"MoCo version must be 1 or 2, got {version}")
         defaults = _VERSION_DEFAULTS[version]
         schedule = schedule or defaults["schedule"]
-        super().__init__(backbone, small_image, optimizer, base_lr, lr, weight_decay, momentum, warmup_epochs, schedule)
+        super().__init__(
+            backbone, small_image, optimizer, base_lr, lr, weight_decay, momentum, warmup_epochs, schedule,
+            channels_last=channels_last, compile_backbone=compile_backbone, fused_optimizer=fused_optimizer,
+        )
         if queue_size < 1:
             raise ValueError(f"queue_size must be positive, got {queue_size}")
         if not 0.0 <= momentum_tau <= 1.0:
@@ -112,7 +118,7 @@ class MoCo(SSLMethod):
             if self.shuffle_bn:
                 k = batch_unshuffle(k, unshuffle_idx)
         loss = moco_info_nce(q, k, self.queue, self.temperature)  # logits N x (1+K)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # no prog_bar: Lightning would .item() it (a host sync) every step
         return {"loss": loss, "keys": k}
 
 
@@ -136,8 +142,12 @@ class MoCoV2(MoCo):
         warmup_epochs: float = 0,
         schedule: str | None = None,
         shuffle_bn: bool = True,
+        channels_last: bool = False,
+        compile_backbone: bool = False,
+        fused_optimizer: bool = False,
     ):
         super().__init__(
             backbone, small_image, 2, projection_dim, projection_hidden_dim, temperature, momentum_tau,
             queue_size, optimizer, base_lr, lr, weight_decay, momentum, warmup_epochs, schedule, shuffle_bn,
+            channels_last=channels_last, compile_backbone=compile_backbone, fused_optimizer=fused_optimizer,
         )

@@ -34,8 +34,14 @@ class SimCLR(SSLMethod):
         momentum: float = 0.9,
         warmup_epochs: float = 10,
         schedule: str = "cosine",
+        channels_last: bool = False,
+        compile_backbone: bool = False,
+        fused_optimizer: bool = False,
     ):
-        super().__init__(backbone, small_image, optimizer, base_lr, lr, weight_decay, momentum, warmup_epochs, schedule)
+        super().__init__(
+            backbone, small_image, optimizer, base_lr, lr, weight_decay, momentum, warmup_epochs, schedule,
+            channels_last=channels_last, compile_backbone=compile_backbone, fused_optimizer=fused_optimizer,
+        )
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
@@ -50,5 +56,5 @@ class SimCLR(SSLMethod):
         z = self.projector(self.backbone(torch.cat([x1, x2])))
         z1, z2 = z.chunk(2)
         loss = nt_xent(z1, z2, self.temperature, gather=self.gather_distributed)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # no prog_bar: Lightning would .item() it (a host sync) every step
         return loss
