@@ -229,7 +229,8 @@ def test_throughput_script_prints_its_table():
     assert out.returncode == 0, out.stderr[-2000:]
     row = [line.split() for line in out.stdout.splitlines() if line.startswith("mocov2")][0]
     bare, trainer, ratio = map(float, row[1:4])
-    assert bare > 0 and trainer > 0 and abs(ratio - trainer / bare) < 2e-3
+    # the table prints images/s to 0.1 and the ratio to 0.001: allow for that rounding
+    assert bare > 0 and trainer > 0 and abs(ratio - trainer / bare) <= 0.1 / bare + 1e-3
 
 
 def test_gpu_epoch_smoke_runs_on_cpu():

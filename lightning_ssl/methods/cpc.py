@@ -88,8 +88,14 @@ class CPC(SSLMethod):
         momentum: float = 0.9,
         warmup_epochs: float = 0,
         schedule: str = "constant",
+        channels_last: bool = False,
+        compile_backbone: bool = False,
+        fused_optimizer: bool = False,
     ):
-        super().__init__(backbone, small_image, optimizer, base_lr, lr, weight_decay, momentum, warmup_epochs, schedule)
+        super().__init__(
+            backbone, small_image, optimizer, base_lr, lr, weight_decay, momentum, warmup_epochs, schedule,
+            channels_last=channels_last, compile_backbone=compile_backbone, fused_optimizer=fused_optimizer,
+        )
         if encoder_norm not in ("batch", "layer"):
             raise ValueError(f"encoder_norm must be 'batch' or 'layer', got {encoder_norm!r}")
         if not 1 <= first_step <= prediction_steps:
@@ -183,7 +189,7 @@ class CPC(SSLMethod):
         if self.bidirectional:
             self.log("train/loss_top_down", losses["top_down"])
             self.log("train/loss_bottom_up", losses["bottom_up"])
-        self.log("train/loss", losses["loss"], prog_bar=True)
+        self.log("train/loss", losses["loss"])  # no prog_bar: Lightning would .item() it (a host sync) every step
         return losses["loss"]
 
 
@@ -221,10 +227,14 @@ class CPCv2(CPC):
         momentum: float = 0.9,
         warmup_epochs: float = 0,
         schedule: str = "constant",
+        channels_last: bool = False,
+        compile_backbone: bool = False,
+        fused_optimizer: bool = False,
     ):
         super().__init__(
             backbone, small_image, patch_size, patch_stride, grid_size, embedding_dim, context_hidden_dim,
             context_blocks, context_kernel_size, prediction_steps, first_step, bidirectional, encoder_norm,
             patch_augment, patch_crop_fraction, flip_prob, color_drop_prob, gather_distributed, optimizer,
-            base_lr, lr, weight_decay, momentum, warmup_epochs, schedule,
+            base_lr, lr, weight_decay, momentum, warmup_epochs, schedule, channels_last, compile_backbone,
+            fused_optimizer,
         )
