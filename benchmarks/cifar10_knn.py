@@ -1,137 +1,158 @@
-"""Pretrain methods on (a subset of) the CIFAR-10 JPEG copy, then report weighted kNN top-1 on the
-test split (k = 200, T = 0.1; Wu et al. 2018) next to the same backbone at random initialisation,
-with wall times.
+"""Pretrain registered methods on (a subset of) the CIFAR-10 JPEG copy, then report weighted kNN
+top-1 on the test split (k = 200, T = 0.1; Wu et al. 2018) and, optionally, linear-evaluation
+top-1, next to the same backbone at random initialization, with wall times.
 
-The training images are decoded once into a uint8 tensor (``benchmarks/cifar_data.py``) and two
-SimCLR-style views are made per batch on the tensor's device; kNN uses un-augmented, normalised
-images of the training subset as the memory bank and of the test subset as queries.
+The data is ``CIFAR10DataModule(in_memory=True, gpu_augment=True)``: the JPEGs decoded once into a
+uint8 tensor, views made per batch by the library's on-device augmentation (on the CPU here), from
+the recipe ``--augmentation``. kNN uses un-augmented training images as the memory bank and test
+images as queries (``lightning_ssl.evaluation.knn``).
 
-Settings are the papers' defaults except those tied to the dataset size and the budget, which are
-arguments: warmup (``--warmup-epochs``), MoCo's queue (``--queue-size``, at most the subset) and key
-encoder momentum (``--moco-tau``). Example (the CPU table in docs/speed.md)::
+Settings are the methods' paper defaults (and ``REGISTRY[name].cifar`` on 32x32 images) except what
+the budget changes: warmup (``--warmup-epochs``) and ``--method-args`` (default: MoCo's queue 4096
+and key-encoder momentum 0.99 as in the MoCo CIFAR-10 demo; CPC's lr 1e-3). Example::
 
-    python benchmarks/cifar10_knn.py --methods simclr mocov2 byol --backbone resnet18 \\
-        --train-subset 5000 --test-subset 2000 --epochs 3 --batch-size 128
-
-A new method is one entry in ``METHODS``.
+    python -m benchmarks.cifar10_knn --methods simclr mocov2 byol --train-per-class 500 \\
+        --test-per-class 200 --epochs 3 --batch-size 128
 """
+
 from __future__ import annotations
 
 import argparse
-import json
-import sys
+import ast
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.common import (
+    CIFAR_ROOT,
+    add_common_args,
+    apply_threads,
+    cifar10,
+    header,
+    print_table,
+    quiet_trainer,
+    write_json,
+)
+from lightning_ssl import REGISTRY
+from lightning_ssl.evaluation import LinearEvaluation, extract_features, knn_accuracy
 
-from benchmarks.cifar_data import CIFAR_ROOT, TensorTwoViewLoader, load_cifar10, normalize  # noqa: E402
-from lightning_ssl import BYOL, CPC, MoCoV2, SimCLR  # noqa: E402
-from lightning_ssl.evaluation.knn import weighted_knn_predict  # noqa: E402
-
-METHODS = {
-    "simclr": lambda a, **kw: SimCLR(warmup_epochs=a.warmup_epochs, **kw),
-    "mocov2": lambda a, **kw: MoCoV2(warmup_epochs=a.warmup_epochs, queue_size=a.queue_size, momentum_tau=a.moco_tau, **kw),
-    "byol": lambda a, **kw: BYOL(warmup_epochs=a.warmup_epochs, **kw),
-    # CPC v1 on the 32x32 grid of the paper's small-image setting: 7x7 patches of 8 px, stride 4;
-    # AdamW lr 1e-3 (the base-lr rule would give 5e-4 at batch 128; 1e-3 trains faster on this budget).
-    "cpc": lambda a, **kw: CPC(patch_size=8, patch_stride=4, lr=1e-3, **kw),
-}
-
-
-@torch.no_grad()
-def features(encode, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    return torch.cat([encode(normalize(images[i : i + batch_size])).float() for i in range(0, len(images), batch_size)])
-
-
-def knn_top1(encode, train, test, k: int, temperature: float) -> float:
-    (train_x, train_y), (test_x, test_y) = train, test
-    bank, queries = features(encode, train_x), features(encode, test_x)
-    pred = weighted_knn_predict(bank, train_y, queries, num_classes=10, k=k, temperature=temperature)
-    return (pred == test_y).float().mean().item()
+DEFAULT_METHOD_ARGS = [
+    "moco:queue_size=4096,ema_tau=0.99",
+    "mocov2:queue_size=4096,ema_tau=0.99",
+    "cpc:lr=1e-3",
+    "cpcv2:lr=1e-3",
+]
 
 
-def make_loader(args, train):
-    # With the CIFAR-10 datamodule merged, a CIFAR10DataModule can take this loader's place.
-    return TensorTwoViewLoader(*train, batch_size=args.batch_size, seed=args.seed)
+class Representation(nn.Module):
+    """A method's evaluation features (``representation``) as an encoder module, for linear evaluation."""
+
+    def __init__(self, method: nn.Module, backbone: nn.Module | None = None):
+        super().__init__()
+        self.method, self.backbone = method, backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.method.representation(images, backbone=self.backbone)
 
 
-_RANDOM_INIT: dict = {}
+def parse_method_args(items: list[str]) -> dict[str, dict]:
+    """``["mocov2:queue_size=4096,ema_tau=0.99", ...]`` -> ``{"mocov2": {"queue_size": 4096, ...}}``."""
+    out: dict[str, dict] = {}
+    for item in items:
+        name, _, assignments = item.partition(":")
+        for assignment in filter(None, assignments.split(",")):
+            key, _, value = assignment.partition("=")
+            out.setdefault(name, {})[key] = ast.literal_eval(value)
+    return out
 
 
-def run_method(name: str, args, train, test) -> dict:
-    import pytorch_lightning as pl
-
-    torch.manual_seed(args.seed)
-    model = METHODS[name](args, backbone=args.backbone, small_image=args.small_image)
-    # The same architecture and seed at random init, through the method's own representation (CPC's
-    # is the mean over its patch grid); evaluated once per kind of representation.
-    kind = type(model).representation
-    if kind not in _RANDOM_INIT:
-        random_backbone = model.random_init_backbone(args.seed).eval()
-        model.eval()
-        _RANDOM_INIT[kind] = knn_top1(lambda x: model.representation(x, backbone=random_backbone), train, test, args.knn_k, args.knn_t)
-        model.train()
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=args.out)
-    start = time.perf_counter()
-    trainer.fit(model, train_dataloaders=make_loader(args, train))
-    train_s = time.perf_counter() - start
+def knn(model, dm, backbone: nn.Module | None = None) -> float:
     model.eval()
-    top1 = knn_top1(model.representation, train, test, args.knn_k, args.knn_t)
-    return dict(method=name, knn_top1=top1, random_init_top1=_RANDOM_INIT[kind], pretrain_s=train_s,
-                steps=trainer.global_step)
+    if backbone is not None:
+        backbone.eval()
+    encode = lambda x: model.representation(x, backbone=backbone)  # noqa: E731
+    train = extract_features(encode, dm.labeled_dataloader("train"), model.device)
+    test = extract_features(encode, dm.labeled_dataloader("val"), model.device)
+    return knn_accuracy(*train, *test)["all"]
+
+
+def linear(model, dm, backbone: nn.Module | None, epochs: int, lr: float) -> float:
+    probe = LinearEvaluation(Representation(model, backbone).eval(), num_classes=10, lr=lr)
+    trainer = quiet_trainer(max_epochs=epochs)
+    trainer.fit(probe, dm.labeled_dataloader("train", augment=True))  # raises if the frozen encoder changed
+    return trainer.validate(probe, dm.labeled_dataloader("val"), verbose=False)[0]["val/top1"]
+
+
+def run_method(name: str, args, dm) -> dict:
+    torch.manual_seed(args.seed)
+    kwargs = dict(backbone=args.backbone, small_image=args.small_image, warmup_epochs=args.warmup_epochs)
+    kwargs.update(args.method_args.get(name, {}))
+    model = REGISTRY[name].build(size="cifar", **kwargs)
+    random_backbone = model.random_init_backbone(args.seed)
+    row = {"method": name, "random_init_knn": knn(model, dm, random_backbone)}
+    model.train()
+    trainer = quiet_trainer(max_epochs=args.epochs)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    row.update(pretrain_s=time.perf_counter() - start, steps=trainer.global_step, knn=knn(model, dm))
+    if args.linear_epochs:
+        row["linear"] = linear(model, dm, None, args.linear_epochs, args.linear_lr)
+        row["random_init_linear"] = linear(model, dm, random_backbone, args.linear_epochs, args.linear_lr)
+    return row
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="+", default=["simclr", "mocov2", "byol"], choices=sorted(METHODS))
+    p.add_argument("--methods", nargs="+", default=["simclr", "mocov2", "byol"], choices=sorted(REGISTRY))
     p.add_argument("--backbone", default="resnet18", help="torchvision model name")
-    p.add_argument("--small-image", action=argparse.BooleanOptionalAction, default=True,
-                   help="CIFAR stem (3x3 stride-1 conv1, no max-pool); --no-small-image keeps the ImageNet stem")
-    p.add_argument("--train-subset", type=int, default=5000, help="balanced subset of the 50,000 training images")
-    p.add_argument("--test-subset", type=int, default=2000, help="balanced subset of the 10,000 test images")
+    p.add_argument(
+        "--small-image",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CIFAR stem (3x3 stride-1 conv1, no max-pool); --no-small-image keeps the ImageNet stem",
+    )
+    p.add_argument("--train-per-class", type=int, default=500, help="first N training images of each class")
+    p.add_argument("--test-per-class", type=int, default=200, help="first N test images of each class")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--augmentation", default="simclr", help="recipe of lightning_ssl.datamodules.augmentations")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--queue-size", type=int, default=4096, help="MoCo: a multiple of the batch size")
-    p.add_argument("--moco-tau", type=float, default=0.99, help="MoCo key-encoder momentum (0.999 in the paper's 200-epoch ImageNet runs)")
-    p.add_argument("--knn-k", type=int, default=200)
-    p.add_argument("--knn-t", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method-args", nargs="*", default=DEFAULT_METHOD_ARGS, help="NAME:key=value,key=value ...")
+    p.add_argument("--linear-epochs", type=int, default=0, help="linear evaluation epochs (0: kNN only)")
+    p.add_argument("--linear-lr", type=float, default=0.5)
     p.add_argument("--root", type=Path, default=CIFAR_ROOT, help="folder holding train/ and test/ (JPEGs)")
-    p.add_argument("--out", type=Path, default=Path("outputs/cifar10_knn"))
-    p.add_argument("--json", type=Path)
-    return p.parse_args(argv)
+    args = add_common_args(p).parse_args(argv)
+    args.method_args = parse_method_args(args.method_args)
+    return args
 
 
-def main(argv=None):
+def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     wall = time.perf_counter()
-    train = load_cifar10("train", args.train_subset, args.root)
-    test = load_cifar10("test", args.test_subset, args.root)
+    dm = cifar10(args.root, args.train_per_class, args.test_per_class, args.batch_size, args.augmentation)
     stem = "CIFAR stem" if args.small_image else "ImageNet stem"
-    print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {args.backbone} ({stem}); {len(train[0])} train / "
-          f"{len(test[0])} test images; {args.epochs} epochs, batch {args.batch_size}, warmup {args.warmup_epochs}; "
-          f"kNN k={args.knn_k} T={args.knn_t}; torch threads {torch.get_num_threads()}", flush=True)
-    print(f"{'method':<8} {'kNN top-1':>10} {'random init':>12} {'pretrain s':>11} {'steps':>6}", flush=True)
+    n_train, n_test = len(dm.labeled_dataloader("train").dataset), len(dm.labeled_dataloader("val").dataset)
+    print(
+        header(
+            f"{args.backbone} ({stem}); CIFAR-10 {n_train} train / {n_test} test images; {args.epochs} epochs, "
+            f"batch {args.batch_size}, {args.augmentation} views; kNN k=200 T=0.1"
+        ),
+        flush=True,
+    )
     rows = []
     for name in args.methods:
-        row = run_method(name, args, train, test)
-        rows.append(row)
-        print(f"{name:<8} {row['knn_top1']:>10.4f} {row['random_init_top1']:>12.4f} {row['pretrain_s']:>11.0f} "
-              f"{row['steps']:>6}", flush=True)
+        rows.append(run_method(name, args, dm))
+        print(f"# {name} done", flush=True)
+    columns = [("method", "method", ""), ("knn", "kNN top-1", ".4f"), ("random_init_knn", "random init", ".4f")]
+    if args.linear_epochs:
+        columns += [("linear", "linear top-1", ".4f"), ("random_init_linear", "random init", ".4f")]
+    columns += [("pretrain_s", "pretrain s", ".0f"), ("steps", "steps", "d")]
+    print_table(rows, columns)
     print(f"# total wall time {time.perf_counter() - wall:.0f} s", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    write_json(args.json, args, rows)
     return rows
 
 

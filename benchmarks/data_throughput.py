@@ -11,15 +11,15 @@
 batch. 32x32 reads the CIFAR-10 JPEG copy when present (else generated 32x32 JPEGs); 224x224 reads
 generated 500x375 JPEGs (ImageNet's typical size).
 
-    python benchmarks/data_throughput.py                   # ~2-3 minutes on 2 CPU cores
-    python benchmarks/data_throughput.py --device cuda --workers 8
+    python -m benchmarks.data_throughput                   # ~2-3 minutes on 2 CPU cores
+    python -m benchmarks.data_throughput --device cuda --workers 8
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,13 +30,10 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datamodules import ImageNetDataModule  # noqa: E402
-from datamodules.augmentations import blur_kernel_size, preset  # noqa: E402
-from datamodules.gpu_augment import GPUAugment  # noqa: E402
-
-CIFAR = Path(os.environ.get("LIGHTNING_SSL_CIFAR10", Path.home() / ".cache" / "lightning-ssl" / "cifar10-jpg"))
+from benchmarks.common import CIFAR_ROOT as CIFAR
+from lightning_ssl.datamodules import ImageNetDataModule
+from lightning_ssl.datamodules.augmentations import blur_kernel_size, preset
+from lightning_ssl.datamodules.gpu_augment import GPUAugment
 
 
 def make_jpegs(root: Path, n: int, size: tuple[int, int], classes: int = 4) -> Path:
@@ -46,7 +43,9 @@ def make_jpegs(root: Path, n: int, size: tuple[int, int], classes: int = 4) -> P
     for i in range(n):
         folder = root / "train" / f"c{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
-        chans = [np.sin(2 * np.pi * (rng.uniform(1, 6) * xx + rng.uniform(1, 6) * yy + rng.uniform())) for _ in range(3)]
+        chans = [
+            np.sin(2 * np.pi * (rng.uniform(1, 6) * xx + rng.uniform(1, 6) * yy + rng.uniform())) for _ in range(3)
+        ]
         arr = (np.stack(chans, -1) * 0.4 + 0.5 + rng.normal(0, 0.08, (h, w, 3))).clip(0, 1)
         Image.fromarray((arr * 255).astype(np.uint8)).save(folder / f"{i}.jpg", quality=90)
     (root / "val").mkdir(exist_ok=True)
@@ -65,21 +64,32 @@ def baseline_loader(root: Path, size: int, batch: int, workers: int) -> DataLoad
     import torchvision.transforms as T
 
     s = 0.5 if size <= 64 else 1.0
-    ops = [T.RandomResizedCrop(size), T.RandomHorizontalFlip(),
-           T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8), T.RandomGrayscale(p=0.2)]
+    ops = [
+        T.RandomResizedCrop(size),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+    ]
     if size > 64:
         ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(size), (0.1, 2.0))], p=0.5))
     ops += [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
     dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=TwoViews(T.Compose(ops)))
-    return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                      persistent_workers=workers > 0)
+    return DataLoader(
+        dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0
+    )
 
 
 def ours(root: Path, size: int, batch: int, workers: int, gpu: bool) -> ImageNetDataModule:
     small = size <= 64
     return ImageNetDataModule(
-        root=str(root), batch_size=batch, num_workers=workers, image_size=size, small_image=small,
-        strength=0.5 if small else 1.0, gpu_augment=gpu, gpu_load_size=size if small else 256,
+        root=str(root),
+        batch_size=batch,
+        num_workers=workers,
+        image_size=size,
+        small_image=small,
+        strength=0.5 if small else 1.0,
+        gpu_augment=gpu,
+        gpu_load_size=size if small else 256,
         pin_memory=False,
     )
 
@@ -117,11 +127,15 @@ def main() -> None:
     device = torch.device(args.device)
 
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (device path runs on the CPU)"
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores, "
-          f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"load average at start {os.getloadavg()[0]:.1f}")
-    print(f"accelerator: {gpu_name}; workers: {args.workers}; main-process torch threads: {torch.get_num_threads()}; "
-          f"{args.seconds:.0f} s per measurement; recipe: SimCLR (32: s=0.5, no blur; 224: s=1.0, blur p=0.5)")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores, "
+        f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"load average at start {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"accelerator: {gpu_name}; workers: {args.workers}; main-process torch threads: {torch.get_num_threads()}; "
+        f"{args.seconds:.0f} s per measurement; recipe: SimCLR (32: s=0.5, no blur; 224: s=1.0, blur p=0.5)"
+    )
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +151,9 @@ def main() -> None:
             base = measure(baseline_loader(root, size, batch, args.workers), args.seconds)
             rows.append((size, "baseline: torchvision PIL pipeline in workers", base, source, batch))
             dm = ours(root, size, batch, args.workers, gpu=False)
-            rows.append((size, "ours, CPU path (views in workers)", measure(dm.train_dataloader(), args.seconds), source, batch))
+            rows.append(
+                (size, "ours, CPU path (views in workers)", measure(dm.train_dataloader(), args.seconds), source, batch)
+            )
             dm = ours(root, size, batch, args.workers, gpu=True)
 
             def on_device(b, dm=dm):
@@ -147,8 +163,15 @@ def main() -> None:
                     torch.cuda.synchronize(device)
                 return out
 
-            rows.append((size, f"ours, on-device path ({device.type})", measure(dm.train_dataloader(), args.seconds, on_device),
-                         source, batch))
+            rows.append(
+                (
+                    size,
+                    f"ours, on-device path ({device.type})",
+                    measure(dm.train_dataloader(), args.seconds, on_device),
+                    source,
+                    batch,
+                )
+            )
             aug = GPUAugment(preset("simclr", size, 0.5 if size <= 64 else 1.0, size <= 64)).to(device)
             load = size if size <= 64 else 256
             pixels = torch.randint(0, 256, (batch, 3, load, load), dtype=torch.uint8, device=device)
@@ -160,8 +183,15 @@ def main() -> None:
                     torch.cuda.synchronize(device)
                 return out, None
 
-            rows.append((size, f"on-device ops only ({device.type}, no decoding)",
-                         measure(iter(lambda: 0, 1), args.seconds / 2, ops_only), "uint8 batch in memory", batch))
+            rows.append(
+                (
+                    size,
+                    f"on-device ops only ({device.type}, no decoding)",
+                    measure(iter(lambda: 0, 1), args.seconds / 2, ops_only),
+                    "uint8 batch in memory",
+                    batch,
+                )
+            )
 
     print()
     print(f"load average at end {os.getloadavg()[0]:.1f}")

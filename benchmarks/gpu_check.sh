@@ -14,7 +14,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${OUT:-outputs/gpu_check}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 failed=0
 stage() {  # stage <seconds> <name> <command...>
   local limit=$1 name=$2; shift 2
@@ -28,24 +27,24 @@ stage() {  # stage <seconds> <name> <command...>
 
 if [ "${1:-}" = "--smoke" ]; then
   TP=(--device cpu --batch-size 8 --image-size 32 --warmup 1 --steps 1 --threads 1)
-  stage 300 epoch "$PY" benchmarks/gpu_epoch.py --smoke --json "$OUT/epoch.json"
-  stage 300 overhead "$PY" benchmarks/train_throughput.py "${TP[@]}" --methods simclr mocov2 byol \
+  stage 300 epoch "$PY" -m benchmarks.gpu_epoch --smoke --json "$OUT/epoch.json"
+  stage 300 overhead "$PY" -m benchmarks.train_throughput "${TP[@]}" --methods simclr mocov2 byol \
     --precision bf16-mixed --channels-last --fused --json "$OUT/overhead.json"
   exit $failed
 fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-stage 130 epoch "$PY" benchmarks/gpu_epoch.py --methods simclr byol mocov2 --batch-size 512 --epochs 2 \
+stage 130 epoch "$PY" -m benchmarks.gpu_epoch --methods simclr byol mocov2 --batch-size 512 --epochs 2 \
   --json "$OUT/epoch.json"
-stage 100 epoch_compiled "$PY" benchmarks/gpu_epoch.py --methods simclr --batch-size 512 --epochs 2 --compile --data random \
+stage 100 epoch_compiled "$PY" -m benchmarks.gpu_epoch --methods simclr --batch-size 512 --epochs 2 --compile --data random \
   --json "$OUT/epoch_compiled.json"
 TP=(--device cuda --batch-size 512 --image-size 32 --warmup 10 --steps 40)
-stage 110 overhead "$PY" benchmarks/train_throughput.py "${TP[@]}" --methods simclr mocov2 byol \
+stage 110 overhead "$PY" -m benchmarks.train_throughput "${TP[@]}" --methods simclr mocov2 byol \
   --precision bf16-mixed --channels-last --fused --json "$OUT/overhead.json"
-stage 45 ablation_fp32 "$PY" benchmarks/train_throughput.py "${TP[@]}" --modes trainer --methods simclr --json "$OUT/ablation_fp32.json"
-stage 45 ablation_bf16 "$PY" benchmarks/train_throughput.py "${TP[@]}" --modes trainer --methods simclr --precision bf16-mixed \
+stage 45 ablation_fp32 "$PY" -m benchmarks.train_throughput "${TP[@]}" --modes trainer --methods simclr --json "$OUT/ablation_fp32.json"
+stage 45 ablation_bf16 "$PY" -m benchmarks.train_throughput "${TP[@]}" --modes trainer --methods simclr --precision bf16-mixed \
   --json "$OUT/ablation_bf16.json"
-stage 45 ablation_bf16_cl "$PY" benchmarks/train_throughput.py "${TP[@]}" --modes trainer --methods simclr --precision bf16-mixed \
+stage 45 ablation_bf16_cl "$PY" -m benchmarks.train_throughput "${TP[@]}" --modes trainer --methods simclr --precision bf16-mixed \
   --channels-last --json "$OUT/ablation_bf16_cl.json"
 exit $failed

@@ -1,41 +1,32 @@
-"""Epoch time of each method with the whole fast path: CIFAR-10 held on the device as uint8, views
-made on the device, bf16 mixed precision, channels_last, fused optimizer steps (and optionally a
-compiled backbone), trained by our ``Trainer`` run.
+"""Epoch time of each method on the user's fast path: CIFAR-10 decoded into memory and held on the
+device (``CIFAR10DataModule(in_memory=True, gpu_augment=True, resident_device="cuda")``), views made
+on the device by the library's ``GPUAugment``, bf16 mixed precision, channels_last, fused optimizer
+steps (and optionally a compiled backbone), trained by ``Trainer.fit``.
 
 Prints, per method: two-view images per second over the last (timed) epoch, the epoch time, the
 estimated time of 200 epochs, the model FLOPs per image (forward and backward of every network,
-counted with ``torch.utils.flop_counter``) and the model FLOP utilisation (MFU = achieved FLOP/s
+counted with ``torch.utils.flop_counter``) and the model FLOP utilization (MFU = achieved FLOP/s
 over the device's dense bf16 peak). Uses the CIFAR-10 JPEG tree when present, otherwise random
-uint8 images of the same shape (the speed does not depend on the pixels; the output says which).
+uint8 images of the same shape through ``InMemoryDataModule`` (the speed does not depend on the
+pixels; the output says which).
 
-    python benchmarks/gpu_epoch.py --methods simclr byol mocov2 --batch-size 512 --epochs 2
-    python benchmarks/gpu_epoch.py --smoke      # tiny CPU run: checks that everything runs
+    python -m benchmarks.gpu_epoch --methods simclr byol mocov2 --batch-size 512 --epochs 2
+    python -m benchmarks.gpu_epoch --smoke      # tiny CPU run: checks that everything runs
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import sys
-import tempfile
 import time
-from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.cifar_data import CIFAR_ROOT, TensorTwoViewLoader, load_cifar10, random_cifar10  # noqa: E402
-from lightning_ssl import BYOL, MoCoV2, SimCLR  # noqa: E402
-
-METHODS = {
-    "simclr": SimCLR,
-    "mocov2": MoCoV2,
-    "byol": BYOL,
-    # CPC, once merged: "cpc": CPC,
-}
+from benchmarks.common import CIFAR_ROOT, add_common_args, header, print_table, write_json
+from lightning_ssl import REGISTRY
+from lightning_ssl.datamodules import CIFAR10DataModule, InMemoryDataModule
+from lightning_ssl.datamodules.augmentations import CIFAR10_MEAN, CIFAR10_STD
 
 # Dense bf16 tensor-core peaks (NVIDIA data sheets), FLOP/s.
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -48,72 +39,102 @@ def device_peak(name: str) -> float | None:
     return None
 
 
-def flops_per_image(model, loader) -> float:
+def flops_per_image(model, dm) -> float:
     """Model FLOPs (forward + backward of every network) of one training step, per source image."""
     from torch.utils.flop_counter import FlopCounterMode
 
     probe = copy.deepcopy(model)
     probe.log = lambda *a, **k: None  # outside a Trainer
-    views, labels = next(iter(loader))
+    batch = next(iter(dm.train_dataloader()))
+    batch = {k: v.to(model.device) for k, v in batch.items()} if isinstance(batch, dict) else batch
+    views, labels = dm.on_after_batch_transfer(batch, 0)
     with FlopCounterMode(display=False) as counter:
         out = probe.training_step((views, labels), 0)
         (out["loss"] if isinstance(out, dict) else out).backward()
     return counter.get_total_flops() / views[0].shape[0]
 
 
-class EpochTimer:
+class EpochTimer(pl.Callback):
+    """Wall time of every training epoch (bracketed by device synchronizations)."""
+
     def __init__(self, device: str):
-        import pytorch_lightning as pl
+        self.device, self.epochs, self.start = device, [], 0.0
 
-        timer = self
-        self.epochs: list[float] = []
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
 
-        def sync():
-            if device == "cuda":
-                torch.cuda.synchronize()
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._sync()
+        self.start = time.perf_counter()
 
-        class Callback(pl.Callback):
-            def on_train_epoch_start(self, trainer, pl_module):
-                sync()
-                timer.start = time.perf_counter()
-
-            def on_train_epoch_end(self, trainer, pl_module):
-                sync()
-                timer.epochs.append(time.perf_counter() - timer.start)
-
-        self.callback = Callback()
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._sync()
+        self.epochs.append(time.perf_counter() - self.start)
 
 
-def run(name: str, args, images, labels) -> dict:
-    import pytorch_lightning as pl
-    from pytorch_lightning.loggers import CSVLogger
+def datamodule(args, images: torch.Tensor | None, labels: torch.Tensor | None) -> pl.LightningDataModule:
+    common = dict(
+        batch_size=args.batch_size,
+        gpu_augment=True,
+        num_workers=0,
+        resident_device=args.device if args.device == "cuda" else None,
+        strength=0.5,
+        small_image=True,
+    )
+    if images is None:
+        return CIFAR10DataModule(root=str(CIFAR_ROOT), in_memory=True, train_per_class=args.per_class, **common)
+    return InMemoryDataModule(images, labels, mean=CIFAR10_MEAN, std=CIFAR10_STD, **common)
 
+
+def run(name: str, args, dm) -> dict:
     torch.manual_seed(0)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model = METHODS[name](backbone=args.backbone, small_image=True, channels_last=args.channels_last,
-                          compile_backbone=args.compile, fused_optimizer=args.fused, warmup_epochs=0,
-                          **({"queue_size": args.queue_size} if name == "mocov2" else {}))
-    loader = TensorTwoViewLoader(images, labels, args.batch_size, channels_last=args.channels_last)
-    flops = flops_per_image(model.to(args.device), loader)
+    extra = {"queue_size": args.queue_size} if "queue_size" in REGISTRY[name].small else {}
+    model = REGISTRY[name].build(
+        size="small" if args.smoke else "cifar",
+        backbone=args.backbone,
+        small_image=True,
+        channels_last=args.channels_last,
+        compile_backbone=args.compile,
+        fused_optimizer=args.fused,
+        warmup_epochs=0,
+        **extra,
+    )
+    flops = flops_per_image(model.to(args.device), dm)
     timer = EpochTimer(args.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(accelerator=args.device, devices=1, precision=args.precision, max_epochs=args.epochs,
-                             logger=CSVLogger(tmp), enable_checkpointing=False, enable_model_summary=False,
-                             enable_progress_bar=False, callbacks=[timer.callback], default_root_dir=tmp)
-        trainer.fit(model, train_dataloaders=loader)
+    trainer = pl.Trainer(
+        accelerator=args.device,
+        devices=1,
+        precision=args.precision,
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        callbacks=[timer],
+    )
+    trainer.fit(model, datamodule=dm)
     epoch_s = timer.epochs[-1]
-    images_per_s = len(loader) * args.batch_size / epoch_s
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else (device_peak(torch.cuda.get_device_name()) if args.device == "cuda" else None)
-    return dict(method=name, images_per_s=images_per_s, epoch_s=epoch_s, epochs_200_min=200 * epoch_s / 60,
-                first_epoch_s=timer.epochs[0], gflops_per_image=flops / 1e9,
-                mfu=flops * images_per_s / peak if peak else None,
-                peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None)
+    images_per_s = trainer.num_training_batches * args.batch_size / epoch_s
+    name_gpu = torch.cuda.get_device_name() if args.device == "cuda" else ""
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else device_peak(name_gpu)
+    return dict(
+        method=name,
+        images_per_s=images_per_s,
+        epoch_s=epoch_s,
+        epochs_200_min=200 * epoch_s / 60,
+        first_epoch_s=timer.epochs[0],
+        gflops_per_image=flops / 1e9,
+        mfu=flops * images_per_s / peak if peak else None,
+        peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
+    )
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="+", default=["simclr", "byol", "mocov2"], choices=sorted(METHODS))
+    p.add_argument("--methods", nargs="+", default=["simclr", "byol", "mocov2"], choices=sorted(REGISTRY))
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=2, help="the last one is timed (the first includes warm-up)")
@@ -123,15 +144,20 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--limit", type=int, help="use only this many training images")
-    p.add_argument("--data", choices=["auto", "real", "random"], default="auto",
-                   help="auto: the CIFAR-10 JPEG tree when present, else random uint8 images")
-    p.add_argument("--peak-tflops", type=float, help="device peak for MFU when the name is not recognised")
-    p.add_argument("--smoke", action="store_true", help="tiny CPU settings: 64 random images, batch 32, 1 epoch")
-    p.add_argument("--json", type=Path)
-    args = p.parse_args(argv)
+    p.add_argument("--per-class", type=int, help="use only the first N training images of each class")
+    p.add_argument(
+        "--data",
+        choices=["auto", "real", "random"],
+        default="auto",
+        help="auto: the CIFAR-10 JPEG tree when present, else random uint8 images",
+    )
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU when the name is not recognized")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny CPU settings: 64 random images, batch 32, 1 epoch, small heads"
+    )
+    args = add_common_args(p).parse_args(argv)
     if args.smoke:
-        args.device, args.limit, args.batch_size, args.epochs, args.queue_size = "cpu", 64, 32, 1, 64
+        args.device, args.per_class, args.batch_size, args.epochs, args.queue_size = "cpu", 6, 32, 1, 64
         args.data = "random"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device visible; use --smoke (or --device cpu) to check that the script runs")
@@ -144,24 +170,38 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     real = args.data == "real" or (args.data == "auto" and (CIFAR_ROOT / "train").is_dir())
     start = time.perf_counter()
-    images, labels = load_cifar10("train", args.limit) if real else random_cifar10(args.limit or 50_000)
-    images, labels = images.to(args.device), labels.to(args.device)  # uint8 on the device: 150 MB for CIFAR-10
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    images = labels = None
+    if not real:
+        n = (args.per_class or 5000) * 10
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
+        labels = torch.randint(0, 10, (n,), generator=gen)
+    dm = datamodule(args, images, labels)
+    dm.setup("fit")
     opts = [o for o in ("channels_last", "fused", "compile") if getattr(args, o)]
-    print(f"# {device_name}; torch {torch.__version__}; {'CIFAR-10' if real else 'random uint8'} "
-          f"{tuple(images.shape)} on {args.device} (loaded in {time.perf_counter() - start:.0f} s); "
-          f"{args.backbone} CIFAR stem, batch {args.batch_size}, {args.precision}, {', '.join(opts) or 'no options'}; "
-          f"timed epoch {args.epochs} of {args.epochs}", flush=True)
-    print(f"{'method':<8} {'img/s':>9} {'epoch s':>8} {'200 ep min':>11} {'GFLOP/img':>10} {'MFU':>6} {'1st epoch s':>12}", flush=True)
-    rows = []
-    for name in args.methods:
-        r = run(name, args, images, labels)
-        rows.append(r)
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"{name:<8} {r['images_per_s']:>9.0f} {r['epoch_s']:>8.2f} {r['epochs_200_min']:>11.1f} "
-              f"{r['gflops_per_image']:>10.2f} {mfu:>6} {r['first_epoch_s']:>12.1f}", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    print(
+        header(
+            f"{'CIFAR-10' if real else 'random uint8 32x32'} images in memory (loaded in "
+            f"{time.perf_counter() - start:.0f} s), views on {args.device}; {args.backbone} CIFAR stem, batch "
+            f"{args.batch_size}, {args.precision}, {', '.join(opts) or 'no options'}; timed epoch {args.epochs} "
+            f"of {args.epochs}"
+        ),
+        flush=True,
+    )
+    rows = [run(name, args, dm) for name in args.methods]
+    print_table(
+        rows,
+        [
+            ("method", "method", ""),
+            ("images_per_s", "img/s", ".0f"),
+            ("epoch_s", "epoch s", ".2f"),
+            ("epochs_200_min", "200 ep min", ".1f"),
+            ("gflops_per_image", "GFLOP/img", ".2f"),
+            ("mfu", "MFU", ".1%"),
+            ("first_epoch_s", "1st epoch s", ".1f"),
+        ],
+    )
+    write_json(args.json, args, rows)
     return rows
 
 

@@ -2,6 +2,7 @@
 (as Bolts' ``SSLOnlineEvaluator`` and solo-learn's online classifier; Chen et al. 2020 report it
 tracks offline linear accuracy).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_ssl.contracts import HasRepresentation, LabeledDataModule, require
 from lightning_ssl.distributed import is_distributed, rank, world_size
 
 __all__ = ["OnlineLinearProbe"]
@@ -23,12 +25,12 @@ __all__ = ["OnlineLinearProbe"]
 class OnlineLinearProbe(pl.Callback):
     """Trains ``nn.Linear(feature_dim, num_classes)`` on the backbone's features of the first view of
     every training batch ``(views, target)`` whose targets are labels (entries ``< 0`` mean
-    "unlabelled" and are skipped), with its own Adam optimizer stepped here. Features come from
+    "unlabeled" and are skipped), with its own Adam optimizer stepped here. Features come from
     ``pl_module.representation`` under ``no_grad`` with the module in eval mode, so no gradient and no
     BN-statistics update reaches the backbone.
 
     Every ``every_n_epochs`` epochs, top-1/top-5 (torchmetrics) on
-    ``trainer.datamodule.labelled_dataloader("val")`` are logged as ``probe/top1`` and ``probe/top5``;
+    ``trainer.datamodule.labeled_dataloader("val")`` are logged as ``probe/top1`` and ``probe/top5``;
     ``probe/train_loss`` is logged on training batches.
 
     Distributed: the probe starts from the same seeded weights on every process and its gradients
@@ -52,7 +54,7 @@ class OnlineLinearProbe(pl.Callback):
         self.probe: nn.Linear | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_state: dict | None = None
-        self._warned_unlabelled = False
+        self._warned_unlabeled = False
         self.last_metrics: dict[str, float] = {}
 
     # ----------------------------------------------------------------- construction & state
@@ -78,6 +80,14 @@ class OnlineLinearProbe(pl.Callback):
             self._ensure_probe(int(dim), pl_module.device)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        require(pl_module, HasRepresentation, "OnlineLinearProbe", "a module with representation(images)")
+        if self.every_n_epochs > 0:
+            require(
+                trainer.datamodule,
+                LabeledDataModule,
+                "OnlineLinearProbe",
+                "a datamodule with labeled_dataloader('val')",
+            )
         if self.probe is not None:
             self.probe.to(pl_module.device)
             for state in self.optimizer.state.values():
@@ -106,14 +116,15 @@ class OnlineLinearProbe(pl.Callback):
         modes = [(m, m.training) for m in pl_module.modules()]
         pl_module.eval()
         try:
-            encode = getattr(pl_module, "representation", pl_module)
-            return encode(images).detach().float()
+            return pl_module.representation(images).detach().float()
         finally:
             for module, mode in modes:  # restore each submodule's own mode
                 module.training = mode
 
     # ----------------------------------------------------------------- training
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         views, target = batch
         images = views[0] if isinstance(views, (list, tuple)) else views
         loss = self.train_step(pl_module, images, target)
@@ -121,28 +132,30 @@ class OnlineLinearProbe(pl.Callback):
             pl_module.log("probe/train_loss", loss, on_step=True, on_epoch=False)
 
     def train_step(self, pl_module: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
-        """One probe update on the labelled examples (``target >= 0``) of a batch; returns this
-        process's mean loss, or ``None`` when it had no labelled example."""
+        """One probe update on the labeled examples (``target >= 0``) of a batch; returns this
+        process's mean loss, or ``None`` when it had no labeled example."""
         device = next(pl_module.parameters()).device
         target = torch.as_tensor(target, device=device)
-        labelled = target >= 0
-        if not bool(labelled.any()) and not is_distributed():
-            if not self._warned_unlabelled:
-                rank_zero_warn("OnlineLinearProbe: training batches carry no labels (targets < 0); the probe does not train.")
-                self._warned_unlabelled = True
+        labeled = target >= 0
+        if not bool(labeled.any()) and not is_distributed():
+            if not self._warned_unlabeled:
+                rank_zero_warn(
+                    "OnlineLinearProbe: training batches carry no labels (targets < 0); the probe does not train."
+                )
+                self._warned_unlabeled = True
             return None
         feats = self._features(pl_module, images.to(device))
         probe = self._ensure_probe(feats.shape[1], feats.device)
-        count = labelled.sum().float()
+        count = labeled.sum().float()
         total = count.clone()
-        if is_distributed():  # every process takes part, even with no labelled example of its own
+        if is_distributed():  # every process takes part, even with no labeled example of its own
             dist.all_reduce(total)
         with torch.enable_grad():
-            logits = probe(feats[labelled])
-            loss_sum = F.cross_entropy(logits, target[labelled], reduction="sum") if count > 0 else logits.sum() * 0.0
+            logits = probe(feats[labeled])
+            loss_sum = F.cross_entropy(logits, target[labeled], reduction="sum") if count > 0 else logits.sum() * 0.0
             self.optimizer.zero_grad(set_to_none=False)
-            # sum over local labelled examples / their global count, x world size: the average of
-            # the gradients over processes then equals one process holding every labelled example
+            # sum over local labeled examples / their global count, x world size: the average of
+            # the gradients over processes then equals one process holding every labeled example
             (loss_sum * world_size() / total.clamp_min(1)).backward()
         if is_distributed():
             for p in probe.parameters():
@@ -154,13 +167,7 @@ class OnlineLinearProbe(pl.Callback):
 
     # ----------------------------------------------------------------- validation
     def _val_loader(self, trainer: pl.Trainer) -> DataLoader:
-        dm = trainer.datamodule
-        if dm is None or not callable(getattr(dm, "labelled_dataloader", None)):
-            raise TypeError(
-                "OnlineLinearProbe validates on trainer.datamodule.labelled_dataloader('val'); "
-                f"got {type(dm).__name__ if dm is not None else 'no datamodule'}"
-            )
-        loader = dm.labelled_dataloader("val")
+        loader = trainer.datamodule.labeled_dataloader("val")
         if world_size() > 1:  # a disjoint shard per process; the metrics are summed over processes
             shard = Subset(loader.dataset, list(range(rank(), len(loader.dataset), world_size())))
             loader = DataLoader(shard, batch_size=loader.batch_size or 256, shuffle=False, num_workers=0)
@@ -168,9 +175,11 @@ class OnlineLinearProbe(pl.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Top-1/top-5 of the probe on the labelled validation split, reduced over processes."""
+        """Top-1/top-5 of the probe on the labeled validation split, reduced over processes."""
         if self.probe is None:
-            raise RuntimeError("the probe has not been built yet (no labelled training batch and no pl_module.feature_dim)")
+            raise RuntimeError(
+                "the probe has not been built yet (no labeled training batch and no pl_module.feature_dim)"
+            )
         device = pl_module.device
         top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro").to(device)
         top5 = MulticlassAccuracy(self.num_classes, top_k=min(5, self.num_classes), average="micro").to(device)

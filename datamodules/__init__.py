@@ -1,11 +1,23 @@
-"""Datamodules that feed two-view batches ``([view1, view2], label)`` to the methods."""
-from datamodules.cifar10 import CIFAR10DataModule
-from datamodules.cityscapes import CityscapesDataModule
-from datamodules.digits import DigitsDataModule
-from datamodules.imagenet import ImageNetDataModule
-from datamodules.two_views import MultiViewDataset, TensorImageDataset
+"""Datamodules that feed multi-view batches ``([view1, view2], label)`` to the methods.
+
+Installed as ``lightning_ssl.datamodules`` (the repository keeps the folder at its top level).
+"""
+
+from lightning_ssl.datamodules.cifar10 import CIFAR10DataModule
+from lightning_ssl.datamodules.cityscapes import CityscapesDataModule
+from lightning_ssl.datamodules.digits import DigitsDataModule
+from lightning_ssl.datamodules.imagenet import ImageNetDataModule
+from lightning_ssl.datamodules.in_memory import InMemoryDataModule
+from lightning_ssl.datamodules.two_view_datamodule import TwoViewDataModule
+from lightning_ssl.datamodules.two_views import MultiViewDataset, TensorImageDataset
 
 __all__ = [
-    "CIFAR10DataModule", "CityscapesDataModule", "DigitsDataModule", "ImageNetDataModule",
-    "MultiViewDataset", "TensorImageDataset",
+    "CIFAR10DataModule",
+    "CityscapesDataModule",
+    "DigitsDataModule",
+    "ImageNetDataModule",
+    "InMemoryDataModule",
+    "TwoViewDataModule",
+    "MultiViewDataset",
+    "TensorImageDataset",
 ]

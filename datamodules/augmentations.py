@@ -1,12 +1,13 @@
-"""Named, parameterised two-view augmentation recipes, shared by the CPU and the on-device paths.
+"""Named, parameterized view augmentation recipes, shared by the CPU and the on-device paths.
 
-A recipe is a pair of ``ViewConfig`` (one per view; equal except for BYOL). ``cpu_view_transform``
-turns a config into a torchvision pipeline on PIL images (decoded in the loader's workers);
-``datamodules.gpu_augment.GPUAugment`` samples the same parameters from the same distributions on the
-accelerator. Both apply the ops in one fixed order:
+A recipe is a list of ``ViewConfig`` (one per view; equal except for BYOL). ``cpu_view_transform``
+turns a config into a torchvision pipeline on PIL images (decoded in the loader's workers),
+``tensor_view_transform`` into the same pipeline on uint8 tensors (in-memory datasets), and
+``lightning_ssl.datamodules.gpu_augment.GPUAugment`` samples the same parameters from the same
+distributions on the accelerator. All apply the ops in one fixed order:
 
-    random resized crop -> horizontal flip -> colour jitter (its four ops in random order, with
-    probability p) -> grayscale -> Gaussian blur -> solarize -> normalise.
+    random resized crop -> horizontal flip -> rotation/shear -> color jitter (its four ops in random
+    order, with probability p) -> grayscale -> Gaussian blur -> solarize -> normalize.
 
 Presets (``preset(name, image_size, strength, small_image)``):
 
@@ -23,24 +24,45 @@ Presets (``preset(name, image_size, strength, small_image)``):
   224), solarize p = 0.0 / 0.2.
 * ``seed`` -- the project's original example: RandomResizedCrop 512 with scale 0.3-1, flip,
   ``ColorJitter(0.4, 0.4, 0.1)`` (brightness, contrast, saturation) with p = 0.8.
+* ``digits`` -- the quickstart's handwritten digits: crop scale 0.5-1 (ratio 0.75-1.33), rotation
+  +-15 degrees and shear +-10 degrees, brightness and contrast 0.4 with p = 0.8, blur p = 0.5
+  (kernel 3, sigma 0.1-1); no flip (a flipped digit is another symbol), no color.
+* ``linear_eval`` -- the training views of linear evaluation and fine-tuning (Chen et al. 2020,
+  appendix B.6): random resized crop (scale 0.08-1) and flip, one view.
 
 ``strength`` scales the jitter magnitudes (SimCLR's ``s``); ``small_image=True`` drops the blur (as
 SimCLR does on CIFAR-10, appendix B.9).
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
+import torch
 import torchvision.transforms as T
+from torchvision.transforms import v2
 
 __all__ = [
-    "ViewConfig", "preset", "PRESETS", "cpu_view_transform", "eval_transform",
-    "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR10_MEAN", "CIFAR10_STD",
+    "ViewConfig",
+    "preset",
+    "PRESETS",
+    "cpu_view_transform",
+    "tensor_view_transform",
+    "eval_transform",
+    "tensor_eval_transform",
+    "blur_kernel_size",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DIGITS_MEAN",
+    "DIGITS_STD",
 ]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+DIGITS_MEAN, DIGITS_STD = (0.31,) * 3, (0.32,) * 3  # of the upsampled digits, in [0, 1]
 
 
 def blur_kernel_size(image_size: int, fraction: float = 0.1) -> int:
@@ -57,6 +79,8 @@ class ViewConfig:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
+    rotation: float = 0.0  # degrees: uniform in [-rotation, rotation]
+    shear: float = 0.0  # degrees, along x: uniform in [-shear, shear]
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
@@ -79,48 +103,118 @@ class ViewConfig:
             raise ValueError(f"crop ratio must satisfy 0 < min <= max, got {self.ratio}")
         if self.size < 1:
             raise ValueError(f"output size must be positive, got {self.size}")
+        if self.rotation < 0 or self.shear < 0 or self.shear >= 90:
+            raise ValueError(
+                f"rotation and shear are ranges in degrees (>= 0, shear < 90), got {self.rotation}, {self.shear}"
+            )
         if self.blur_kernel % 2 != 1:
             raise ValueError(f"blur_kernel must be odd, got {self.blur_kernel}")
         b, c, s, h = self.jitter
         if min(b, c, s, h) < 0 or h > 0.5:
             raise ValueError(f"jitter strengths must be >= 0 and hue <= 0.5, got {self.jitter}")
 
-    def replace(self, **changes) -> "ViewConfig":
+    def replace(self, **changes) -> ViewConfig:
         return dataclasses.replace(self, **changes)
 
 
 def _simclr(size: int, s: float) -> list[ViewConfig]:
-    v = ViewConfig(size=size, scale=(0.08, 1.0), jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8,
-                   grayscale_p=0.2, blur_p=0.5, blur_kernel=blur_kernel_size(size))
+    v = ViewConfig(
+        size=size,
+        scale=(0.08, 1.0),
+        jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
+        jitter_p=0.8,
+        grayscale_p=0.2,
+        blur_p=0.5,
+        blur_kernel=blur_kernel_size(size),
+    )
     return [v, v]
 
 
 def _moco_v1(size: int, s: float) -> list[ViewConfig]:
-    v = ViewConfig(size=size, scale=(0.2, 1.0), jitter=(0.4 * s, 0.4 * s, 0.4 * s, min(0.5, 0.4 * s)),
-                   jitter_p=1.0, grayscale_p=0.2, blur_p=0.0, blur_kernel=blur_kernel_size(size))
+    v = ViewConfig(
+        size=size,
+        scale=(0.2, 1.0),
+        jitter=(0.4 * s, 0.4 * s, 0.4 * s, min(0.5, 0.4 * s)),
+        jitter_p=1.0,
+        grayscale_p=0.2,
+        blur_p=0.0,
+        blur_kernel=blur_kernel_size(size),
+    )
     return [v, v]
 
 
 def _moco_v2(size: int, s: float) -> list[ViewConfig]:
-    v = ViewConfig(size=size, scale=(0.2, 1.0), jitter=(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s), jitter_p=0.8,
-                   grayscale_p=0.2, blur_p=0.5, blur_kernel=blur_kernel_size(size))
+    v = ViewConfig(
+        size=size,
+        scale=(0.2, 1.0),
+        jitter=(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s),
+        jitter_p=0.8,
+        grayscale_p=0.2,
+        blur_p=0.5,
+        blur_kernel=blur_kernel_size(size),
+    )
     return [v, v]
 
 
 def _byol(size: int, s: float) -> list[ViewConfig]:
-    v = ViewConfig(size=size, scale=(0.08, 1.0), jitter=(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s), jitter_p=0.8,
-                   grayscale_p=0.2, blur_kernel=blur_kernel_size(size))
+    v = ViewConfig(
+        size=size,
+        scale=(0.08, 1.0),
+        jitter=(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s),
+        jitter_p=0.8,
+        grayscale_p=0.2,
+        blur_kernel=blur_kernel_size(size),
+    )
     return [v.replace(blur_p=1.0, solarize_p=0.0), v.replace(blur_p=0.1, solarize_p=0.2)]
 
 
 def _seed(size: int, s: float) -> list[ViewConfig]:
-    v = ViewConfig(size=size, scale=(0.3, 1.0), jitter=(0.4 * s, 0.4 * s, 0.1 * s, 0.0), jitter_p=0.8,
-                   grayscale_p=0.0, blur_p=0.0, blur_kernel=blur_kernel_size(size))
+    v = ViewConfig(
+        size=size,
+        scale=(0.3, 1.0),
+        jitter=(0.4 * s, 0.4 * s, 0.1 * s, 0.0),
+        jitter_p=0.8,
+        grayscale_p=0.0,
+        blur_p=0.0,
+        blur_kernel=blur_kernel_size(size),
+    )
     return [v, v]
 
 
-PRESETS = {"simclr": _simclr, "moco_v1": _moco_v1, "moco_v2": _moco_v2, "byol": _byol, "seed": _seed}
-_DEFAULT_SIZE = {"seed": 512}
+def _digits(size: int, s: float) -> list[ViewConfig]:
+    v = ViewConfig(
+        size=size,
+        scale=(0.5, 1.0),
+        ratio=(0.75, 1.33),
+        flip_p=0.0,
+        rotation=15.0,
+        shear=10.0,
+        jitter=(0.4 * s, 0.4 * s, 0.0, 0.0),
+        jitter_p=0.8,
+        grayscale_p=0.0,
+        blur_p=0.5,
+        blur_sigma=(0.1, 1.0),
+        blur_kernel=3,
+        mean=DIGITS_MEAN,
+        std=DIGITS_STD,
+    )
+    return [v, v]
+
+
+def _linear_eval(size: int, s: float) -> list[ViewConfig]:
+    return [ViewConfig(size=size, scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)]
+
+
+PRESETS = {
+    "simclr": _simclr,
+    "moco_v1": _moco_v1,
+    "moco_v2": _moco_v2,
+    "byol": _byol,
+    "seed": _seed,
+    "digits": _digits,
+    "linear_eval": _linear_eval,
+}
+_DEFAULT_SIZE = {"seed": 512, "digits": 32}
 
 
 def preset(
@@ -128,18 +222,22 @@ def preset(
     image_size: int | None = None,
     strength: float = 1.0,
     small_image: bool = False,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
 ) -> list[ViewConfig]:
-    """The two view configs of recipe ``name`` (see the module docstring) at ``image_size``
-    (224; 512 for ``seed``), jitter scaled by ``strength``; ``small_image`` drops the blur."""
+    """The view configs of recipe ``name`` (see the module docstring) at ``image_size`` (224; 512 for
+    ``seed``, 32 for ``digits``), jitter scaled by ``strength``; ``small_image`` drops the blur;
+    ``mean``/``std`` replace the recipe's normalization (ImageNet's by default)."""
     if name not in PRESETS:
         raise ValueError(f"unknown augmentation {name!r}; choose one of {sorted(PRESETS)}")
     if strength < 0:
         raise ValueError(f"strength must be >= 0, got {strength}")
     size = image_size or _DEFAULT_SIZE.get(name, 224)
     views = PRESETS[name](size, strength)
-    views = [v.replace(mean=tuple(mean), std=tuple(std)) for v in views]
+    if mean is not None:
+        views = [v.replace(mean=tuple(mean)) for v in views]
+    if std is not None:
+        views = [v.replace(std=tuple(std)) for v in views]
     if small_image:
         views = [v.replace(blur_p=0.0) for v in views]
     return views
@@ -154,6 +252,8 @@ def cpu_view_transform(cfg: ViewConfig) -> T.Compose:
     ops: list = [T.RandomResizedCrop(cfg.size, scale=cfg.scale, ratio=cfg.ratio, antialias=True)]
     if cfg.flip_p > 0:
         ops.append(T.RandomHorizontalFlip(cfg.flip_p))
+    if cfg.rotation > 0 or cfg.shear > 0:
+        ops.append(T.RandomAffine(degrees=cfg.rotation, shear=cfg.shear or None))
     if cfg.jitter_p > 0 and max(cfg.jitter) > 0:
         ops.append(T.RandomApply([T.ColorJitter(b, c, s, h)], p=cfg.jitter_p))
     if cfg.grayscale_p > 0:
@@ -172,8 +272,8 @@ def eval_transform(
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
 ) -> T.Compose:
-    """Evaluation views: resize the shorter side to ``resize``, centre crop ``crop`` (either may be
-    None to skip), normalise. ImageNet convention 256/224; CIFAR-10 uses the 32x32 image as is."""
+    """Evaluation views: resize the shorter side to ``resize``, center crop ``crop`` (either may be
+    None to skip), normalize. ImageNet convention 256/224; CIFAR-10 uses the 32x32 image as is."""
     ops: list = []
     if resize:
         ops.append(T.Resize(resize, antialias=True))
@@ -181,3 +281,40 @@ def eval_transform(
         ops.append(T.CenterCrop(crop))
     ops += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(ops)
+
+
+def tensor_view_transform(cfg: ViewConfig) -> v2.Compose:
+    """The pipeline of ``cpu_view_transform`` on one ``3 x H x W`` uint8 tensor (``transforms.v2``
+    ops), for datasets held in memory as tensors."""
+    b, c, s, h = cfg.jitter
+    ops: list = [v2.RandomResizedCrop(cfg.size, scale=cfg.scale, ratio=cfg.ratio, antialias=True)]
+    if cfg.flip_p > 0:
+        ops.append(v2.RandomHorizontalFlip(cfg.flip_p))
+    if cfg.rotation > 0 or cfg.shear > 0:
+        ops.append(v2.RandomAffine(degrees=cfg.rotation, shear=cfg.shear or None))
+    if cfg.jitter_p > 0 and max(cfg.jitter) > 0:
+        ops.append(v2.RandomApply([v2.ColorJitter(b, c, s, h)], p=cfg.jitter_p))
+    if cfg.grayscale_p > 0:
+        ops.append(v2.RandomGrayscale(cfg.grayscale_p))
+    if cfg.blur_p > 0:
+        ops.append(v2.RandomApply([v2.GaussianBlur(cfg.blur_kernel, sigma=cfg.blur_sigma)], p=cfg.blur_p))
+    if cfg.solarize_p > 0:  # on the uint8 tensor: pixels >= threshold are inverted
+        ops.append(v2.RandomSolarize(threshold=round(cfg.solarize_threshold * 255), p=cfg.solarize_p))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
+    return v2.Compose(ops)
+
+
+def tensor_eval_transform(
+    resize: int | None = None,
+    crop: int | None = None,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> v2.Compose:
+    """``eval_transform`` on a uint8 tensor."""
+    ops: list = []
+    if resize:
+        ops.append(v2.Resize(resize, antialias=True))
+    if crop:
+        ops.append(v2.CenterCrop(crop))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(ops)

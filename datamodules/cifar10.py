@@ -4,16 +4,23 @@ Reads either torchvision's binaries (``root/cifar-10-batches-py``; downloaded on
 ``download=True``) or an ImageFolder tree (``root/train/<class>/*.jpg``, ``root/test/<class>/*.jpg``,
 like the project's JPEG copy). SimCLR's CIFAR-10 recipe (appendix B.9): jitter strength 0.5,
 no blur, 32x32 views.
+
+``in_memory=True`` decodes the images once into a uint8 tensor (150 MB for the whole set); with
+``gpu_augment=True`` whole batches are then gathered from it and the views made on the device, and
+``resident_device="cuda"`` keeps the tensor on the accelerator (no transfer per batch).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-from datamodules.augmentations import CIFAR10_MEAN, CIFAR10_STD
-from datamodules.image_folder import RobustImageFolder
-from datamodules.two_view_datamodule import TwoViewDataModule
+from lightning_ssl.datamodules.augmentations import CIFAR10_MEAN, CIFAR10_STD
+from lightning_ssl.datamodules.image_folder import RobustImageFolder
+from lightning_ssl.datamodules.in_memory import balanced_subset, load_images
+from lightning_ssl.datamodules.two_view_datamodule import TwoViewDataModule, Uint8ViewsDataset
+from lightning_ssl.datamodules.two_views import TensorImageDataset
 
 __all__ = ["CIFAR10DataModule"]
 
@@ -25,14 +32,19 @@ _LAYOUTS = (
 
 
 class CIFAR10DataModule(TwoViewDataModule):
-    """Two-view CIFAR-10 batches ``([view1, view2], label)`` and labelled ``(images, labels)`` loaders.
+    """Two-view CIFAR-10 batches ``([view1, view2], label)`` and labeled ``(images, labels)`` loaders.
 
     Args:
         root: folder holding ``cifar-10-batches-py`` or the ``train``/``test`` image folders.
         source: ``"auto"`` (binaries if present, else folders), ``"binary"`` or ``"folder"``.
         download: fetch the binaries into ``root`` if they are missing (never done otherwise).
         train_split, val_split: image-tree split folder names.
-        Others: see ``TwoViewDataModule`` and ``RobustImageFolder``.
+        train_per_class, val_per_class: keep the first ``n`` images of each class (a deterministic,
+            balanced subset, for quick runs); ``None`` keeps all.
+        in_memory: decode the images once into a uint8 tensor (see the module docstring).
+        resident_device: with ``in_memory`` and ``gpu_augment``, the device that holds the images.
+        strict, verify: see ``RobustImageFolder``.
+        Others: see ``TwoViewDataModule``.
     """
 
     def __init__(
@@ -42,31 +54,46 @@ class CIFAR10DataModule(TwoViewDataModule):
         download: bool = False,
         train_split: str = "train",
         val_split: str = "test",
+        train_per_class: int | None = None,
+        val_per_class: int | None = None,
+        in_memory: bool = False,
+        resident_device: str | None = None,
         batch_size: int = 512,
-        num_workers: int = 4,
-        drop_last: bool = True,
-        augmentation: str = "simclr",
         image_size: int = 32,
         strength: float = 0.5,
         small_image: bool = True,
-        gpu_augment: bool = False,
+        gpu_load_size: int | None = 32,
         eval_batch_size: int = 512,
         strict: bool = False,
         verify: str = "header",
-        pin_memory: bool | None = None,
+        **kwargs,
     ):
         super().__init__(
-            batch_size, num_workers, augmentation, image_size, strength, small_image, gpu_augment, 32,
-            drop_last, image_size, image_size, eval_batch_size, CIFAR10_MEAN, CIFAR10_STD,
-            pin_memory,
+            batch_size=batch_size,
+            image_size=image_size,
+            strength=strength,
+            small_image=small_image,
+            gpu_load_size=gpu_load_size,
+            eval_resize=image_size,
+            eval_crop=image_size,
+            eval_batch_size=eval_batch_size,
+            mean=CIFAR10_MEAN,
+            std=CIFAR10_STD,
+            **kwargs,
         )
         if source not in ("auto", "binary", "folder"):
             raise ValueError(f"source must be 'auto', 'binary' or 'folder', got {source!r}")
+        if resident_device is not None and not (in_memory and self.gpu_augment and self.num_workers == 0):
+            raise ValueError("resident_device needs in_memory=True, gpu_augment=True and num_workers=0")
         self.root = Path(root).expanduser()
         self.source, self.download = source, download
         self.splits = {"train": train_split, "val": val_split}
+        self.per_class = {"train": train_per_class, "val": val_per_class}
+        self.in_memory, self.resident_device = in_memory, resident_device
+        self.tensor_images = in_memory
         self.strict, self.verify = strict, verify
         self._datasets: dict[str, Dataset] = {}
+        self._decoded: dict[str, Dataset] = {}
 
     def _resolved_source(self) -> str:
         if self.source != "auto":
@@ -79,25 +106,42 @@ class CIFAR10DataModule(TwoViewDataModule):
             return "binary"
         raise FileNotFoundError(f"no CIFAR-10 data at {self.root}; {_LAYOUTS}")
 
-    def _base_dataset(self, split: str) -> Dataset:
-        if split in self._datasets:
-            return self._datasets[split]
+    def _decoded_dataset(self, split: str) -> Dataset:
+        """``(RGB PIL image, label)`` pairs of a split, from the binaries or the image tree."""
+        if split not in self._decoded:
+            self._decoded[split] = self._open(split)
+        return self._decoded[split]
+
+    def _open(self, split: str) -> Dataset:
         if self._resolved_source() == "binary":
             from torchvision.datasets import CIFAR10
 
             root = self.root.parent if self.root.name == _BINARY_DIR else self.root
             try:
-                dataset = CIFAR10(str(root), train=split == "train", download=self.download)
+                return CIFAR10(str(root), train=split == "train", download=self.download)
             except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
                 raise FileNotFoundError(f"CIFAR-10 binaries not found or corrupted in {root}; {_LAYOUTS}") from err
-        else:
-            folder = self.root / self.splits[split]
-            if not folder.is_dir():
-                raise FileNotFoundError(f"split folder {folder} does not exist; {_LAYOUTS}")
-            classes = None if split == "train" else self._base_dataset("train").classes
-            dataset = RobustImageFolder(folder, classes=classes, strict=self.strict, verify=self.verify)
+        folder = self.root / self.splits[split]
+        if not folder.is_dir():
+            raise FileNotFoundError(f"split folder {folder} does not exist; {_LAYOUTS}")
+        classes = None if split == "train" else self._decoded_dataset("train").classes
+        return RobustImageFolder(folder, classes=classes, strict=self.strict, verify=self.verify)
+
+    def _base_dataset(self, split: str) -> Dataset:
+        if split in self._datasets:
+            return self._datasets[split]
+        dataset = self._decoded_dataset(split)
+        if self.per_class[split] is not None:
+            dataset = Subset(dataset, balanced_subset(dataset.targets, self.per_class[split]))
+        if self.in_memory:
+            dataset = TensorImageDataset(*load_images(dataset))
         self._datasets[split] = dataset
         return dataset
+
+    def pretrain_dataset(self) -> Dataset:
+        if self.resident_device is None:
+            return super().pretrain_dataset()
+        return Uint8ViewsDataset(self._base_dataset("train").to(self.resident_device), self.gpu_load_size)
 
     def setup(self, stage: str | None = None) -> None:
         self._base_dataset("train")

@@ -5,12 +5,13 @@
 
 Two modes:
 
-* ``"ssl"``: two-view batches ``([view1, view2], -1)`` of unlabelled images from ``train`` (and
-  ``train_extra`` with ``use_train_extra=True``) for pretraining; the views are SimCLR-style crops.
+* ``"ssl"``: two-view batches ``([view1, view2], -1)`` of unlabeled images from ``train`` (and
+  ``train_extra`` with ``use_train_extra=True``) for pretraining, with SimCLR's recipe.
 * ``"segmentation"``: ``(image, mask)`` batches, masks in the 19 evaluation classes (trainIds,
   255 = ignored) of cityscapesScripts' ``labels.py``; training uses a joint random scale, crop and
-  flip, ``num_labelled`` keeps a fixed random subset of the labelled training images.
+  flip, ``num_labeled`` keeps a fixed random subset of the labeled training images.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -23,11 +24,19 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from datamodules.two_views import MultiViewDataset
+from lightning_ssl.datamodules.augmentations import preset, tensor_view_transform
+from lightning_ssl.datamodules.two_views import MultiViewDataset
 
 __all__ = [
-    "CityscapesDataModule", "CityscapesImages", "CityscapesSegmentation", "CITYSCAPES_CLASSES",
-    "LABEL_ID_TO_TRAIN_ID", "label_ids_to_train_ids", "cityscapes_pairs", "cityscapes_ssl_views", "IGNORE_INDEX",
+    "CityscapesDataModule",
+    "CityscapesImages",
+    "CityscapesSegmentation",
+    "CITYSCAPES_CLASSES",
+    "LABEL_ID_TO_TRAIN_ID",
+    "label_ids_to_train_ids",
+    "cityscapes_pairs",
+    "cityscapes_ssl_views",
+    "IGNORE_INDEX",
 ]
 
 IGNORE_INDEX = 255
@@ -35,12 +44,46 @@ IGNORE_INDEX = 255
 # every other labelId (void classes, 'guard rail', 'bridge', 'tunnel', 'polegroup', 'caravan',
 # 'trailer', 'license plate') has trainId 255.
 LABEL_ID_TO_TRAIN_ID = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
-    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
 }
 CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
 )
 MEAN, STD = (0.287, 0.325, 0.284), (0.187, 0.190, 0.187)  # Cityscapes train images, in [0, 1]
 _LAYOUT = (
@@ -84,14 +127,15 @@ def cityscapes_pairs(root: str | Path, split: str, strict: bool = False) -> list
         label = label_dir / image.parent.name / f"{name}_gtFine_labelIds.png"
         (pairs.append((image, label)) if label.is_file() else missing.append(label))
     if missing:
-        message = f"{len(missing)} Cityscapes image(s) of split {split!r} have no label file: {', '.join(map(str, missing[:5]))}" + (
-            " ..." if len(missing) > 5 else ""
+        message = (
+            f"{len(missing)} Cityscapes image(s) of split {split!r} have no label file: "
+            f"{', '.join(map(str, missing[:5]))}" + (" ..." if len(missing) > 5 else "")
         )
         if strict:
             raise FileNotFoundError(message + f"; {_LAYOUT}")
         warnings.warn(message + "; skipping them (strict=True raises instead)", stacklevel=2)
     if not pairs:
-        raise FileNotFoundError(f"no labelled images in split {split!r} under {root}; {_LAYOUT}")
+        raise FileNotFoundError(f"no labeled images in split {split!r} under {root}; {_LAYOUT}")
     return pairs
 
 
@@ -100,7 +144,7 @@ def _read_rgb(path: Path) -> torch.Tensor:
 
 
 class CityscapesImages(Dataset):
-    """Unlabelled images of one or more splits: ``(transform(image), -1)``."""
+    """Unlabeled images of one or more splits: ``(transform(image), -1)``."""
 
     def __init__(self, root: str | Path, splits: tuple[str, ...] = ("train",), transform=None):
         self.paths = [p for split in splits for p in cityscapes_images(root, split)]
@@ -116,7 +160,7 @@ class CityscapesImages(Dataset):
 
 class CityscapesSegmentation(Dataset):
     """``(image, mask)`` pairs; ``transform`` is applied jointly to the ``tv_tensors`` Image and Mask.
-    ``indices`` keeps a subset of the (sorted) labelled images."""
+    ``indices`` keeps a subset of the (sorted) labeled images."""
 
     def __init__(self, root: str | Path, split: str = "train", transform=None, indices=None, strict: bool = False):
         pairs = cityscapes_pairs(root, split, strict=strict)
@@ -135,22 +179,19 @@ class CityscapesSegmentation(Dataset):
         return image, mask.long().as_subclass(torch.Tensor)
 
 
-def cityscapes_ssl_views(size: int = 224) -> v2.Compose:
-    """SimCLR-style view (Chen et al. 2020): random resized crop, flip, colour jitter (p=0.8),
-    grayscale (p=0.2), normalisation."""
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
-    ])
+def cityscapes_ssl_views(
+    size: int = 224, augmentation: str = "simclr", strength: float = 0.5, blur: bool = False
+) -> list[v2.Compose]:
+    """The pretraining views: a recipe of ``lightning_ssl.datamodules.augmentations`` on the decoded
+    uint8 images, normalized with Cityscapes' statistics. Default: SimCLR's (Chen et al. 2020) crops,
+    flip, color jitter (0.4, 0.4, 0.4, 0.1) with p = 0.8 and grayscale with p = 0.2, without blur."""
+    views = preset(augmentation, size, strength, small_image=not blur, mean=MEAN, std=STD)
+    return [tensor_view_transform(v) for v in views]
 
 
 def segmentation_train_transform(crop_size: int, base_size: int | None, scale_range: tuple[float, float]) -> v2.Compose:
     """Joint random scale (shorter side ``base_size x U(scale_range)``), random crop padded with
-    0 / 255, horizontal flip; masks are resized with nearest neighbour."""
+    0 / 255, horizontal flip; masks are resized with nearest neighbor."""
     steps = []
     if base_size is not None:
         lo, hi = int(base_size * scale_range[0]), int(base_size * scale_range[1])
@@ -165,7 +206,7 @@ def segmentation_train_transform(crop_size: int, base_size: int | None, scale_ra
 
 
 def segmentation_eval_transform(size: int | None) -> v2.Compose:
-    """Optional resize of the shorter side to ``size`` (masks: nearest), then normalisation."""
+    """Optional resize of the shorter side to ``size`` (masks: nearest), then normalization."""
     steps = [v2.Resize(size, antialias=True)] if size is not None else []
     steps += [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(MEAN, STD)]
     return v2.Compose(steps)
@@ -176,9 +217,10 @@ class CityscapesDataModule(pl.LightningDataModule):
 
     Args:
         root: the directory holding ``leftImg8bit/`` and ``gtFine/``.
-        mode: ``"ssl"`` (two views of unlabelled images) or ``"segmentation"`` (image, mask).
+        mode: ``"ssl"`` (two views of unlabeled images) or ``"segmentation"`` (image, mask).
         batch_size, num_workers: loader settings.
         image_size: output size of the SSL views.
+        augmentation, strength, blur: the SSL views' recipe (see ``cityscapes_ssl_views``).
         use_train_extra: also pretrain on ``train_extra`` (19,998 coarsely annotated images).
         crop_size: training crop of segmentation mode (512 or 768 on full-resolution Cityscapes).
         base_size: shorter side before the random scale (``None``: the image's own size; 1024 on
@@ -186,7 +228,7 @@ class CityscapesDataModule(pl.LightningDataModule):
         scale_range: random scale range (0.5, 2.0 as in most Cityscapes training recipes).
         val_size: shorter side of validation images and masks (``None``: full resolution, the
             official protocol; smaller values give an approximate, faster mIoU).
-        num_labelled: number of labelled training images kept (a fixed random subset, ``subset_seed``);
+        num_labeled: number of labeled training images kept (a fixed random subset, ``subset_seed``);
             ``None`` keeps all 2,975.
         strict: raise instead of skipping an image whose label file is missing.
     """
@@ -198,12 +240,15 @@ class CityscapesDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 4,
         image_size: int = 224,
+        augmentation: str = "simclr",
+        strength: float = 0.5,
+        blur: bool = False,
         use_train_extra: bool = False,
         crop_size: int = 512,
         base_size: int | None = None,
         scale_range: tuple[float, float] = (0.5, 2.0),
         val_size: int | None = None,
-        num_labelled: int | None = None,
+        num_labeled: int | None = None,
         subset_seed: int = 0,
         strict: bool = False,
         drop_last: bool = True,
@@ -211,42 +256,50 @@ class CityscapesDataModule(pl.LightningDataModule):
         super().__init__()
         if mode not in ("ssl", "segmentation"):
             raise ValueError(f"mode must be 'ssl' or 'segmentation', got {mode!r}")
-        if num_labelled is not None and num_labelled < 1:
-            raise ValueError(f"num_labelled must be a positive number of images or None, got {num_labelled}")
+        if num_labeled is not None and num_labeled < 1:
+            raise ValueError(f"num_labeled must be a positive number of images or None, got {num_labeled}")
         root_path = Path(root)
         if not root_path.is_dir():
             raise FileNotFoundError(f"Cityscapes root {root_path} does not exist; {_LAYOUT}")
         self.root, self.mode = root_path, mode
         self.batch_size, self.num_workers, self.image_size = batch_size, num_workers, image_size
+        self.augmentation, self.strength, self.blur = augmentation, strength, blur
         self.use_train_extra, self.crop_size, self.base_size = use_train_extra, crop_size, base_size
         self.scale_range, self.val_size = tuple(scale_range), val_size
-        self.num_labelled, self.subset_seed, self.strict, self.drop_last = num_labelled, subset_seed, strict, drop_last
+        self.num_labeled, self.subset_seed, self.strict, self.drop_last = num_labeled, subset_seed, strict, drop_last
         self.num_classes = len(CITYSCAPES_CLASSES)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=train, drop_last=train and self.drop_last and len(dataset) >= self.batch_size,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last and len(dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
         )
 
-    def labelled_indices(self) -> list[int] | None:
-        """Indices (into the sorted labelled training images) of the ``num_labelled`` subset."""
-        if self.num_labelled is None:
+    def labeled_indices(self) -> list[int] | None:
+        """Indices (into the sorted labeled training images) of the ``num_labeled`` subset."""
+        if self.num_labeled is None:
             return None
         total = len(cityscapes_pairs(self.root, "train", strict=self.strict))
-        if self.num_labelled > total:
-            raise ValueError(f"num_labelled={self.num_labelled} but the training split has only {total} labelled images")
+        if self.num_labeled > total:
+            raise ValueError(f"num_labeled={self.num_labeled} but the training split has only {total} labeled images")
         gen = torch.Generator().manual_seed(self.subset_seed)
-        return torch.randperm(total, generator=gen)[: self.num_labelled].sort().values.tolist()
+        return torch.randperm(total, generator=gen)[: self.num_labeled].sort().values.tolist()
 
     def train_dataset(self) -> Dataset:
         if self.mode == "ssl":
             splits = ("train", "train_extra") if self.use_train_extra else ("train",)
-            view = cityscapes_ssl_views(self.image_size)
-            return MultiViewDataset(CityscapesImages(self.root, splits), [view, view])
+            views = cityscapes_ssl_views(self.image_size, self.augmentation, self.strength, self.blur)
+            return MultiViewDataset(CityscapesImages(self.root, splits), views)
         return CityscapesSegmentation(
-            self.root, "train", segmentation_train_transform(self.crop_size, self.base_size, self.scale_range),
-            indices=self.labelled_indices(), strict=self.strict,
+            self.root,
+            "train",
+            segmentation_train_transform(self.crop_size, self.base_size, self.scale_range),
+            indices=self.labeled_indices(),
+            strict=self.strict,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -255,5 +308,7 @@ class CityscapesDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if self.mode == "ssl":
             return []  # no labels to validate on during pretraining
-        dataset = CityscapesSegmentation(self.root, "val", segmentation_eval_transform(self.val_size), strict=self.strict)
+        dataset = CityscapesSegmentation(
+            self.root, "val", segmentation_eval_transform(self.val_size), strict=self.strict
+        )
         return self._loader(dataset, train=False)

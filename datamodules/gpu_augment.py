@@ -7,18 +7,22 @@ op's parameters per sample from the same distributions as ``augmentations.cpu_vi
 random order, and the ``RandomApply`` probabilities), and applies the same formulas as torchvision's
 functional ops:
 
-* crop-and-resize + flip: one ``affine_grid``/``grid_sample`` (bilinear) per batch. The crop box is
-  drawn in the *original* image's pixels, so squashing the image to a square for shipping does not
-  change the crop distribution (only the resolution available to small crops);
+* crop-and-resize + flip + rotation/shear: one ``affine_grid``/``grid_sample`` (bilinear) per batch.
+  The crop box is drawn in the *original* image's pixels, so squashing the image to a square for
+  shipping does not change the crop distribution (only the resolution available to small crops).
+  Rotation and shear use torchvision's inverse affine matrix about the view's center; pixels that
+  fall outside the crop are filled with 0, as ``RandomAffine`` does;
 * brightness, contrast, saturation, hue (RGB -> HSV -> RGB), grayscale, solarize: element-wise on
   the samples that draw them;
 * Gaussian blur: separable, one grouped convolution with each sample's own sigma, reflect padding.
 
-Written with plain vectorised torch ops instead of kornia (not a dependency of this project; see
+Written with plain vectorized torch ops instead of kornia (not a dependency of this project; see
 ``benchmarks/data_throughput.py`` for measured throughput). Differences from the CPU path: no
-antialiasing when a crop is shrunk (crops are mostly enlarged), and jitter works on float images
-rather than PIL's 8-bit ones.
+antialiasing when a crop is shrunk (crops are mostly enlarged), one bilinear resampling for crop
+and rotation together (the CPU path resamples twice), and jitter works on float images rather than
+PIL's 8-bit ones.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules.augmentations import ViewConfig
+from lightning_ssl.datamodules.augmentations import ViewConfig
 
-__all__ = ["GPUAugment", "ViewAugment", "sample_crop_boxes", "rgb_to_grayscale", "adjust_hue"]
+__all__ = ["GPUAugment", "ViewAugment", "sample_crop_boxes", "rgb_to_grayscale", "adjust_hue", "inverse_affine_2x2"]
 
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -53,11 +57,15 @@ def sample_crop_boxes(
     n = heights.shape[0]
     H, W = heights.double(), widths.double()
     area = (H * W).unsqueeze(1)
-    target = area * (torch.rand(n, attempts, device=device, generator=generator, dtype=torch.float64)
-                     * (scale[1] - scale[0]) + scale[0])
+    target = area * (
+        torch.rand(n, attempts, device=device, generator=generator, dtype=torch.float64) * (scale[1] - scale[0])
+        + scale[0]
+    )
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    aspect = torch.exp(torch.rand(n, attempts, device=device, generator=generator, dtype=torch.float64)
-                       * (log_r[1] - log_r[0]) + log_r[0])
+    aspect = torch.exp(
+        torch.rand(n, attempts, device=device, generator=generator, dtype=torch.float64) * (log_r[1] - log_r[0])
+        + log_r[0]
+    )
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
     ok = (w > 0) & (w <= W.unsqueeze(1)) & (h > 0) & (h <= H.unsqueeze(1))
@@ -65,7 +73,7 @@ def sample_crop_boxes(
     any_ok = ok.any(1)
     w = w.gather(1, first.view(-1, 1)).squeeze(1)
     h = h.gather(1, first.view(-1, 1)).squeeze(1)
-    # fallback: the whole image, cropped to the nearest allowed aspect ratio, centred
+    # fallback: the whole image, cropped to the nearest allowed aspect ratio, centered
     in_ratio = W / H
     fw = torch.where(in_ratio < ratio[0], W, torch.where(in_ratio > ratio[1], torch.round(H * ratio[1]), W))
     fh = torch.where(in_ratio < ratio[0], torch.round(W / ratio[0]), H)
@@ -111,9 +119,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     delta = maxc - minc
     sat = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
     d = torch.where(delta > 0, delta, torch.ones_like(delta))
-    h6 = torch.where(
-        maxc == r, (g - b) / d, torch.where(maxc == g, (b - r) / d + 2.0, (r - g) / d + 4.0)
-    )
+    h6 = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, (b - r) / d + 2.0, (r - g) / d + 4.0))
     h6 = torch.remainder(h6 + 6.0 * shift.view(-1, 1, 1), 6.0)
     vs = maxc * sat
     out = []
@@ -124,6 +130,17 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 _JITTER_OPS = (_brightness, _contrast, _saturation, adjust_hue)
+
+
+def inverse_affine_2x2(angle: torch.Tensor, shear_x: torch.Tensor) -> torch.Tensor:
+    """``N x 2 x 2`` inverse of rotation by ``angle`` and x-shear by ``shear_x`` (degrees, per sample),
+    about the image center, in normalized coordinates of a square image: the linear part of
+    torchvision's ``_get_inverse_affine_matrix`` (scale 1, no translation, no y-shear)."""
+    rot, sx = torch.deg2rad(angle), torch.deg2rad(shear_x)
+    a, c = torch.cos(rot), torch.sin(rot)
+    b = -torch.cos(rot) * torch.tan(sx) - torch.sin(rot)
+    d = -torch.sin(rot) * torch.tan(sx) + torch.cos(rot)
+    return torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -150,8 +167,9 @@ class ViewAugment(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
 
     @torch.no_grad()
-    def sample_params(self, heights: torch.Tensor, widths: torch.Tensor,
-                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def sample_params(
+        self, heights: torch.Tensor, widths: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """Per-sample parameters for images whose original sizes are ``heights`` x ``widths``."""
         cfg, n, dev = self.cfg, heights.shape[0], heights.device
 
@@ -159,9 +177,16 @@ class ViewAugment(nn.Module):
             return torch.rand(n, device=dev, generator=generator) < p
 
         b, c, s, h = cfg.jitter
+        affine = {}
+        if cfg.rotation > 0 or cfg.shear > 0:  # drawn only when used, so other recipes keep their streams
+            affine = {
+                "angle": _uniform(n, -cfg.rotation, cfg.rotation, dev, generator),
+                "shear": _uniform(n, -cfg.shear, cfg.shear, dev, generator),
+            }
         return {
             "box": sample_crop_boxes(heights, widths, cfg.scale, cfg.ratio, generator),
             "flip": coin(cfg.flip_p),
+            **affine,
             "jitter": coin(cfg.jitter_p),
             "order": torch.rand(n, 4, device=dev, generator=generator).argsort(1),  # a random permutation each
             "brightness": _uniform(n, max(0.0, 1 - b), 1 + b, dev, generator),
@@ -175,13 +200,14 @@ class ViewAugment(nn.Module):
         }
 
     @torch.no_grad()
-    def apply(self, x: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor,
-              params: dict[str, torch.Tensor]) -> torch.Tensor:
+    def apply(
+        self, x: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor, params: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         """Apply ``params`` to ``x`` (``N x 3 x S x S`` in [0, 1], resized from ``heights x widths``);
-        returns normalised ``N x 3 x size x size`` views."""
+        returns normalized ``N x 3 x size x size`` views."""
         cfg = self.cfg
         n = x.shape[0]
-        # crop + resize + flip: output pixel centres mapped into the box, in normalised coordinates
+        # crop + resize + flip: output pixel centers mapped into the box, in normalized coordinates
         box = params["box"].to(x.dtype)
         top, left, bh, bw = box.unbind(1)
         H, W = heights.to(x.dtype), widths.to(x.dtype)
@@ -191,8 +217,15 @@ class ViewAugment(nn.Module):
         theta[:, 0, 2] = (2 * left + bw) / W - 1
         theta[:, 1, 1] = bh / H
         theta[:, 1, 2] = (2 * top + bh) / H - 1
+        outside = None
+        if cfg.rotation > 0 or cfg.shear > 0:
+            # view pixel p -> q = A^-1 p in the flipped crop (zero outside it) -> the crop's map above
+            inverse = inverse_affine_2x2(params["angle"], params["shear"]).to(x.dtype)
+            q = F.affine_grid(F.pad(inverse, (0, 1)), [n, 3, cfg.size, cfg.size], align_corners=False)
+            outside = (q.abs() > 1).any(dim=-1).unsqueeze(1)  # N x 1 x size x size
+            theta = torch.cat([theta[:, :, :2] @ inverse, theta[:, :, 2:]], dim=2)
         grid = F.affine_grid(theta, [n, 3, cfg.size, cfg.size], align_corners=False)
-        # sample only inside the box (as crop-then-resize does): clamp to its outermost pixel centres
+        # sample only inside the box (as crop-then-resize does): clamp to its outermost pixel centers
         half_x, half_y = 1.0 / x.shape[3], 1.0 / x.shape[2]
         x0, x1 = 2 * left / W - 1 + half_x, 2 * (left + bw) / W - 1 - half_x
         y0, y1 = 2 * top / H - 1 + half_y, 2 * (top + bh) / H - 1 - half_y
@@ -201,6 +234,8 @@ class ViewAugment(nn.Module):
         hi = torch.stack([x1, y1], 1).view(n, 1, 1, 2)
         grid = torch.maximum(torch.minimum(grid, hi), lo)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if outside is not None:
+            x = x.masked_fill(outside, 0.0)
 
         strengths = cfg.jitter
         factors = (params["brightness"], params["contrast"], params["saturation"], params["hue"])
@@ -244,8 +279,9 @@ class GPUAugment(nn.Module):
         self.views = nn.ModuleList(ViewAugment(v) for v in views)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, sizes: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> list[torch.Tensor]:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected N x 3 x H x W images, got shape {tuple(images.shape)}")
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()

@@ -13,6 +13,7 @@
 * Empty class folders keep their class index (so labels agree across splits), with a warning.
 * A missing root, split or class folder raises ``FileNotFoundError`` naming the path and the layout.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,7 +51,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     with Image.open(path) as img:
         img.load()
         mode = img.mode
-        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit (or 32-bit int) grey
+        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit (or 32-bit int) gray
             arr = np.asarray(img).astype(np.float64)
             if mode.startswith("I;16") or arr.max(initial=0) > 255:
                 arr = arr / 257.0
@@ -67,7 +68,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         return img.convert("RGB") if mode != "RGB" else img  # pixels stay loaded after the file closes
 
 
-def _summarise(paths: Sequence[str]) -> str:
+def _summarize(paths: Sequence[str]) -> str:
     names = ", ".join(str(p) for p in paths[:_MAX_NAMED])
     more = f" and {len(paths) - _MAX_NAMED} more" if len(paths) > _MAX_NAMED else ""
     return names + more
@@ -111,9 +112,7 @@ class RobustImageFolder(Dataset):
             classes = list(classes)
             missing = [c for c in classes if not (self.root / c).is_dir()]
             if missing:
-                raise FileNotFoundError(
-                    f"class folder(s) missing in {self.root}: {_summarise(missing)}; {LAYOUT_HINT}"
-                )
+                raise FileNotFoundError(f"class folder(s) missing in {self.root}: {_summarize(missing)}; {LAYOUT_HINT}")
         self.classes = list(classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
@@ -127,7 +126,7 @@ class RobustImageFolder(Dataset):
                 else:
                     skipped.append(f"{path} ({reason})")
         if skipped:
-            message = f"{len(skipped)} file(s) in {self.root} are not readable images: {_summarise(skipped)}"
+            message = f"{len(skipped)} file(s) in {self.root} are not readable images: {_summarize(skipped)}"
             if strict:
                 raise ValueError(message + " (strict=True; remove them or pass strict=False to skip them)")
             warnings.warn(message + "; skipped", stacklevel=2)
@@ -137,7 +136,7 @@ class RobustImageFolder(Dataset):
             raise FileNotFoundError(f"no readable images under {self.root}; {LAYOUT_HINT}")
         if empty:
             warnings.warn(
-                f"{len(empty)} class folder(s) in {self.root} hold no readable image: {_summarise(empty)}; "
+                f"{len(empty)} class folder(s) in {self.root} hold no readable image: {_summarize(empty)}; "
                 "they keep their label index but contribute no samples",
                 stacklevel=2,
             )
@@ -199,7 +198,7 @@ class RobustImageFolder(Dataset):
                     )
         raise RuntimeError(
             f"{self.max_retries + 1} consecutive unreadable images from {self.samples[index][0]}: "
-            f"{_summarise(self.bad_files)}; check the dataset at {self.root}"
+            f"{_summarize(self.bad_files)}; check the dataset at {self.root}"
         )
 
     def __getitem__(self, index: int):

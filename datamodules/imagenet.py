@@ -2,10 +2,11 @@
 
 ``root/<train_split>/<wnid>/*.JPEG`` and ``root/<val_split>/<wnid>/*.JPEG`` (the validation images
 sorted into class folders, as torchvision and most SSL code expect). Options from the SSL papers:
-a class subset (e.g. ImageNet-100, Tian et al. 2019), a class-balanced labelled fraction for
+a class subset (e.g. ImageNet-100, Tian et al. 2019), a class-balanced labeled fraction for
 semi-supervised evaluation (1% / 10%, SimCLR sec. 6), and the evaluation transform
-(resize 256, centre crop 224).
+(resize 256, center crop 224).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,9 +16,8 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from datamodules.augmentations import IMAGENET_MEAN, IMAGENET_STD
-from datamodules.image_folder import LAYOUT_HINT, RobustImageFolder
-from datamodules.two_view_datamodule import TwoViewDataModule
+from lightning_ssl.datamodules.image_folder import LAYOUT_HINT, RobustImageFolder
+from lightning_ssl.datamodules.two_view_datamodule import TwoViewDataModule
 
 __all__ = ["ImageNetDataModule", "read_class_list", "balanced_fraction"]
 
@@ -45,7 +45,7 @@ def balanced_fraction(targets: list[int] | np.ndarray, fraction: float, seed: in
     """Indices of ``round(fraction x n_c)`` (at least 1) samples of each class ``c``, drawn without
     replacement with ``seed``; deterministic for a given file list, sorted."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"labelled_fraction must lie in (0, 1], got {fraction}")
+        raise ValueError(f"labeled_fraction must lie in (0, 1], got {fraction}")
     targets = np.asarray(targets)
     rng = np.random.default_rng(seed)
     chosen = []
@@ -57,23 +57,21 @@ def balanced_fraction(targets: list[int] | np.ndarray, fraction: float, seed: in
 
 
 class ImageNetDataModule(TwoViewDataModule):
-    """Two-view ImageNet batches ``([view1, view2], label)`` for pretraining, and labelled loaders.
+    """Two-view ImageNet batches ``([view1, view2], label)`` for pretraining, and labeled loaders.
 
     Args:
         root: folder holding the split folders.
         train_split, val_split: split folder names (``train``/``val``; ``train``/``test`` for the
             CIFAR-10 JPEG copy).
         class_list: text file of class folder names to keep (e.g. ImageNet-100); default all.
-        labelled_fraction: fraction of training labels available for evaluation (0.01, 0.1; class-
-            balanced, chosen with ``fraction_seed``). ``labelled_dataloader("train")`` then yields
+        labeled_fraction: fraction of training labels available for evaluation (0.01, 0.1; class-
+            balanced, chosen with ``fraction_seed``). ``labeled_dataloader("train")`` then yields
             that subset; pretraining always uses every training image.
-        labelled_list: a file of training image file names (e.g. SimCLR's ``1percent.txt``) to use as
-            the labelled subset instead of a random fraction.
-        batch_size: per process; ``drop_last`` drops the ragged last pretraining batch.
-        augmentation, image_size, strength, small_image, gpu_augment, gpu_load_size: see
-            ``TwoViewDataModule``.
-        eval_resize, eval_crop: evaluation transform (256 / 224).
+        labeled_list: a file of training image file names (e.g. SimCLR's ``1percent.txt``) to use as
+            the labeled subset instead of a random fraction.
         strict, verify: see ``RobustImageFolder``.
+        Others (batch size, augmentation recipe, image size, on-device augmentation, evaluation
+            transform 256 / 224, ...): see ``TwoViewDataModule``.
     """
 
     def __init__(
@@ -82,40 +80,24 @@ class ImageNetDataModule(TwoViewDataModule):
         train_split: str = "train",
         val_split: str = "val",
         class_list: str | None = None,
-        labelled_fraction: float | None = None,
-        labelled_list: str | None = None,
+        labeled_fraction: float | None = None,
+        labeled_list: str | None = None,
         fraction_seed: int = 0,
-        batch_size: int = 256,
         num_workers: int = 8,
-        drop_last: bool = True,
-        augmentation: str = "simclr",
-        image_size: int = 224,
-        strength: float = 1.0,
-        small_image: bool = False,
-        gpu_augment: bool = False,
-        gpu_load_size: int | None = None,
-        eval_resize: int | None = 256,
-        eval_crop: int | None = 224,
-        eval_batch_size: int = 256,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
         strict: bool = False,
         verify: str = "header",
-        pin_memory: bool | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            batch_size, num_workers, augmentation, image_size, strength, small_image, gpu_augment, gpu_load_size,
-            drop_last, eval_resize, eval_crop, eval_batch_size, mean, std, pin_memory,
-        )
-        if labelled_fraction is not None and not 0.0 < labelled_fraction <= 1.0:
-            raise ValueError(f"labelled_fraction must lie in (0, 1], got {labelled_fraction}")
-        if labelled_fraction is not None and labelled_list is not None:
-            raise ValueError("give labelled_fraction or labelled_list, not both")
+        super().__init__(num_workers=num_workers, **kwargs)
+        if labeled_fraction is not None and not 0.0 < labeled_fraction <= 1.0:
+            raise ValueError(f"labeled_fraction must lie in (0, 1], got {labeled_fraction}")
+        if labeled_fraction is not None and labeled_list is not None:
+            raise ValueError("give labeled_fraction or labeled_list, not both")
         if verify not in ("header", "full", "none"):
             raise ValueError(f"verify must be 'header', 'full' or 'none', got {verify!r}")
         self.root = Path(root).expanduser()
         self.splits = {"train": train_split, "val": val_split}
-        self.class_list, self.labelled_fraction, self.labelled_list = class_list, labelled_fraction, labelled_list
+        self.class_list, self.labeled_fraction, self.labeled_list = class_list, labeled_fraction, labeled_list
         self.fraction_seed, self.strict, self.verify = fraction_seed, strict, verify
         self._datasets: dict[str, RobustImageFolder] = {}
 
@@ -151,26 +133,29 @@ class ImageNetDataModule(TwoViewDataModule):
     def classes(self) -> list[str]:
         return self._base_dataset("train").classes
 
-    def labelled_indices(self) -> list[int]:
+    def labeled_indices(self) -> list[int]:
         """Indices (into the training set) of the images whose labels evaluation may use."""
         train = self._base_dataset("train")
-        if self.labelled_list is not None:
-            path = Path(self.labelled_list).expanduser()
+        if self.labeled_list is not None:
+            path = Path(self.labeled_list).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"labelled_list {path} does not exist (one training image file name per line)")
+                raise FileNotFoundError(f"labeled_list {path} does not exist (one training image file name per line)")
             wanted = {line.strip() for line in path.read_text().splitlines() if line.strip()}
             idx = [i for i, (p, _) in enumerate(train.samples) if os.path.basename(p) in wanted]
             if len(idx) < len(wanted):
-                warnings.warn(f"{len(wanted) - len(idx)} of the {len(wanted)} images in {path} are not in {train.root}")
+                warnings.warn(
+                    f"{len(wanted) - len(idx)} of the {len(wanted)} images in {path} are not in {train.root}",
+                    stacklevel=2,
+                )
             if not idx:
                 raise ValueError(f"no image named in {path} is in {train.root}")
             return idx
-        if self.labelled_fraction is None or self.labelled_fraction == 1.0:
+        if self.labeled_fraction is None or self.labeled_fraction == 1.0:
             return list(range(len(train)))
-        return balanced_fraction(train.targets, self.labelled_fraction, self.fraction_seed)
+        return balanced_fraction(train.targets, self.labeled_fraction, self.fraction_seed)
 
-    def _labelled_train_dataset(self) -> Dataset:
+    def _labeled_train_dataset(self) -> Dataset:
         train = self._base_dataset("train")
-        if self.labelled_fraction is None and self.labelled_list is None:
+        if self.labeled_fraction is None and self.labeled_list is None:
             return train
-        return Subset(train, self.labelled_indices())
+        return Subset(train, self.labeled_indices())

@@ -1,36 +1,59 @@
-"""What the image datamodules share: two-view pretraining loaders made on the CPU (PIL, in the
-workers) or on the accelerator (``gpu_augment=True``), and un-augmented labelled loaders.
+"""What the image datamodules share: multi-view pretraining loaders made on the CPU (in the
+workers) or on the accelerator (``gpu_augment=True``), and un-augmented labeled loaders, all from
+one augmentation recipe (``lightning_ssl.datamodules.augmentations``).
 
-With ``gpu_augment=True`` the workers only decode and resize each image to a fixed
-``gpu_load_size`` square, shipping uint8 tensors and the original sizes; ``on_after_batch_transfer``
-then makes the views on the device with ``GPUAugment`` (same distributions as the CPU recipe).
+A subclass implements ``_base_dataset(split)`` returning ``(image, label)`` pairs, the image an RGB
+PIL image or, for datasets held in memory (``tensor_images = True``), a ``3 x H x W`` uint8 tensor.
+
+With ``gpu_augment=True`` the loader ships fixed-size uint8 images (decoded and resized in the
+workers, or gathered from memory a whole batch at a time) and each image's original size;
+``on_after_batch_transfer`` then makes the views on the device with ``GPUAugment`` (same
+distributions as the CPU recipe).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.augmentations import ViewConfig, cpu_view_transform, eval_transform, preset
-from datamodules.gpu_augment import GPUAugment
-from datamodules.two_views import MultiViewDataset
+from lightning_ssl.datamodules.augmentations import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ViewConfig,
+    cpu_view_transform,
+    eval_transform,
+    preset,
+    tensor_eval_transform,
+    tensor_view_transform,
+)
+from lightning_ssl.datamodules.gpu_augment import GPUAugment
+from lightning_ssl.datamodules.two_views import MultiViewDataset, TensorImageDataset
 
-__all__ = ["TwoViewDataModule", "FixedSizeUint8", "TransformedDataset", "UINT8_KEY"]
+__all__ = ["TwoViewDataModule", "FixedSizeUint8", "TransformedDataset", "Uint8ViewsDataset", "UINT8_KEY"]
 
 UINT8_KEY = "uint8_images"  # marks a batch still to be augmented on the device
 
 
 class FixedSizeUint8:
-    """PIL image -> ``(3 x S x S uint8 tensor, tensor([height, width]))``: the image squashed to a
-    square (the on-device crop is drawn in original pixels, so the aspect ratio is restored there)."""
+    """PIL image or uint8 tensor -> ``(3 x S x S uint8 tensor, tensor([height, width]))``: the image
+    squashed to a square (the on-device crop is drawn in original pixels, so the aspect ratio is
+    restored there)."""
 
     def __init__(self, size: int):
         self.size = size
 
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(image, torch.Tensor):
+            h, w = image.shape[-2:]
+            if (h, w) != (self.size, self.size):
+                resized = F.interpolate(image[None].float(), (self.size, self.size), mode="bilinear", antialias=True)
+                image = resized[0].round().clamp(0, 255).to(torch.uint8)
+            return image.contiguous(), torch.tensor([h, w])
         w, h = image.size
         if (w, h) != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.BILINEAR, reducing_gap=3.0)
@@ -52,9 +75,17 @@ class TransformedDataset(Dataset):
         return self.transform(image), label
 
 
-class _Uint8Views(Dataset):
+class Uint8ViewsDataset(Dataset):
+    """Fixed-size uint8 images with their original sizes, for the on-device path. Over an in-memory
+    ``TensorImageDataset`` of the right size, whole batches are gathered at once (``__getitems__``)."""
+
     def __init__(self, dataset: Dataset, size: int):
         self.dataset, self.to_uint8 = dataset, FixedSizeUint8(size)
+        self.batched = (
+            isinstance(dataset, TensorImageDataset)
+            and dataset.transform is None
+            and tuple(dataset.images.shape[-2:]) == (size, size)
+        )
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -64,38 +95,60 @@ class _Uint8Views(Dataset):
         pixels, size = self.to_uint8(image)
         return {UINT8_KEY: pixels, "sizes": size, "target": label}
 
+    def __getitems__(self, indices: list[int]):
+        if not self.batched:
+            return [self[i] for i in indices]
+        idx = torch.as_tensor(indices, device=self.dataset.images.device)
+        images = self.dataset.images[idx]
+        sizes = torch.tensor(images.shape[-2:], device=images.device).expand(len(indices), 2)
+        return [{UINT8_KEY: images, "sizes": sizes, "target": self.dataset.labels[idx]}]
+
+
+def _collate_uint8(samples: list[dict]):
+    """Default collation, except that one already-batched dict (``Uint8ViewsDataset.__getitems__``) passes."""
+    if len(samples) == 1 and samples[0][UINT8_KEY].ndim == 4:
+        return samples[0]
+    return torch.utils.data.default_collate(samples)
+
 
 class TwoViewDataModule(pl.LightningDataModule):
-    """Base class. Subclasses implement ``_base_dataset(split)`` returning ``(RGB PIL image, label)``
-    pairs for ``split`` in ``"train"`` / ``"val"`` and may override ``_labelled_train_dataset()``.
+    """Base class of the image datamodules (see the module docstring).
 
     Args:
-        augmentation: a preset of ``datamodules.augmentations`` (simclr, moco_v1, moco_v2, byol, seed).
+        batch_size: per process; ``drop_last`` drops the ragged last pretraining batch.
+        num_workers: loader worker processes.
+        augmentation: a preset of ``lightning_ssl.datamodules.augmentations`` (simclr, moco_v1,
+            moco_v2, byol, seed, digits).
         image_size: side of the views.
-        strength: colour jitter strength ``s``.
+        strength: color jitter strength ``s``.
         small_image: drop the blur (small-image variant of the recipe).
         gpu_augment: make the views on the accelerator instead of in the workers.
         gpu_load_size: side of the square uint8 images shipped when ``gpu_augment`` is on
             (default ``image_size x 8 / 7``: 256 for 224).
-        eval_resize, eval_crop: evaluation transform (resize shorter side, centre crop; None skips).
+        eval_resize, eval_crop: evaluation transform (resize shorter side, center crop; None skips).
+        eval_batch_size: batch size of the labeled loaders.
+        mean, std: normalization of every view and of the evaluation images.
+        pin_memory: default: when CUDA is available.
     """
+
+    tensor_images = False  # True: _base_dataset yields uint8 tensors instead of PIL images
 
     def __init__(
         self,
-        batch_size: int,
-        num_workers: int,
-        augmentation: str,
-        image_size: int,
-        strength: float,
-        small_image: bool,
-        gpu_augment: bool,
-        gpu_load_size: int | None,
-        drop_last: bool,
-        eval_resize: int | None,
-        eval_crop: int | None,
-        eval_batch_size: int,
-        mean: tuple[float, float, float],
-        std: tuple[float, float, float],
+        batch_size: int = 256,
+        num_workers: int = 4,
+        augmentation: str = "simclr",
+        image_size: int = 224,
+        strength: float = 1.0,
+        small_image: bool = False,
+        gpu_augment: bool = False,
+        gpu_load_size: int | None = None,
+        drop_last: bool = True,
+        eval_resize: int | None = 256,
+        eval_crop: int | None = 224,
+        eval_batch_size: int = 256,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
         pin_memory: bool | None = None,
     ):
         super().__init__()
@@ -119,28 +172,40 @@ class TwoViewDataModule(pl.LightningDataModule):
     def _base_dataset(self, split: str) -> Dataset:
         raise NotImplementedError
 
-    def _labelled_train_dataset(self) -> Dataset:
+    def _labeled_train_dataset(self) -> Dataset:
         return self._base_dataset("train")
 
     # ---------------------------------------------------------------- loaders
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, collate_fn: Callable | None = None
+    ) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_fn,
         )
 
-    def cpu_transforms(self) -> list:
-        return [cpu_view_transform(v) for v in self.views]
+    def view_transforms(self) -> list[Callable]:
+        """One CPU transform per view, for PIL images or uint8 tensors as ``_base_dataset`` yields."""
+        build = tensor_view_transform if self.tensor_images else cpu_view_transform
+        return [build(v) for v in self.views]
 
     def pretrain_dataset(self) -> Dataset:
-        """The two-view training set: ``([view1, view2], label)`` or, with ``gpu_augment``, uint8 dicts."""
+        """The multi-view training set: ``([view1, view2], label)`` or, with ``gpu_augment``, uint8 dicts."""
         base = self._base_dataset("train")
         if self.gpu_augment:
-            return _Uint8Views(base, self.gpu_load_size)
-        return MultiViewDataset(base, self.cpu_transforms())
+            return Uint8ViewsDataset(base, self.gpu_load_size)
+        return MultiViewDataset(base, self.view_transforms())
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.pretrain_dataset(), self.batch_size, shuffle=True, drop_last=self.drop_last)
+        dataset = self.pretrain_dataset()
+        collate = _collate_uint8 if isinstance(dataset, Uint8ViewsDataset) else None
+        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=self.drop_last, collate_fn=collate)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Makes the views on the device when the loader shipped uint8 images."""
@@ -160,21 +225,19 @@ class TwoViewDataModule(pl.LightningDataModule):
             self._augment_generator.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
         return self._augment_generator
 
-    def labelled_dataloader(self, split: str, augment: bool = False) -> DataLoader:
+    def labeled_dataloader(self, split: str, augment: bool = False) -> DataLoader:
         """Un-augmented ``(images, labels)`` of ``split`` ("train" or "val"), for kNN and linear probes.
-        ``augment=True`` (train only) gives crop-and-flip training views for fine-tuning, shuffled."""
+        ``augment=True`` (train only) gives the ``linear_eval`` recipe's views (random resized crop and
+        flip) for linear evaluation and fine-tuning, shuffled."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        dataset = self._labelled_train_dataset() if split == "train" else self._base_dataset("val")
+        dataset = self._labeled_train_dataset() if split == "train" else self._base_dataset("val")
         if augment:
             if split != "train":
                 raise ValueError("augment=True is for the training split only")
-            import torchvision.transforms as T
-
-            transform = T.Compose([
-                T.RandomResizedCrop(self.views[0].size, antialias=True), T.RandomHorizontalFlip(),
-                T.ToTensor(), T.Normalize(self.mean, self.std),
-            ])
+            (view,) = preset("linear_eval", self.views[0].size, mean=self.mean, std=self.std)
+            transform = (tensor_view_transform if self.tensor_images else cpu_view_transform)(view)
             return self._loader(TransformedDataset(dataset, transform), self.eval_batch_size, True, False)
-        transform = eval_transform(self.eval_resize, self.eval_crop, self.mean, self.std)
+        build = tensor_eval_transform if self.tensor_images else eval_transform
+        transform = build(self.eval_resize, self.eval_crop, self.mean, self.std)
         return self._loader(TransformedDataset(dataset, transform), self.eval_batch_size, False, False)

@@ -1,4 +1,5 @@
 """Datasets that return several augmented views of each image."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -19,6 +20,10 @@ class TensorImageDataset(Dataset):
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def to(self, device: torch.device | str) -> TensorImageDataset:
+        """The same dataset with its images and labels on ``device``."""
+        return TensorImageDataset(self.images.to(device), self.labels.to(device), self.transform)
 
     def __getitem__(self, index: int):
         image = self.images[index]

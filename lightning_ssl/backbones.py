@@ -6,18 +6,29 @@
 CIFAR stem used by SimCLR (Chen et al. 2020, appendix B.9): a 3x3 stride-1 first convolution and
 no max-pool, for 32x32 inputs.
 """
+
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-__all__ = ["build_backbone", "PooledBackbone", "reset_parameters"]
+__all__ = [
+    "build_backbone",
+    "PooledBackbone",
+    "reset_parameters",
+    "strip_classifier",
+    "small_image_stem",
+    "infer_feature_dim",
+    "CLASSIFIER_ATTRS",
+    "batch_norm_to_layer_norm",
+]
 
-_CLASSIFIER_ATTRS = ("fc", "classifier", "heads", "head")
+CLASSIFIER_ATTRS = ("fc", "classifier", "heads", "head")
 
 
 class PooledBackbone(nn.Module):
@@ -38,10 +49,10 @@ class PooledBackbone(nn.Module):
         return out
 
 
-def _strip_classifier(model: nn.Module) -> int | None:
+def strip_classifier(model: nn.Module) -> int | None:
     """Replace the classifier (``fc``, ``classifier``, ``heads``, ``head``) by ``nn.Identity``; return
     the width of the features that entered it (the pooled features, as in the papers' evaluations)."""
-    for attr in _CLASSIFIER_ATTRS:
+    for attr in CLASSIFIER_ATTRS:
         head = getattr(model, attr, None)
         if isinstance(head, nn.Linear):
             setattr(model, attr, nn.Identity())
@@ -54,7 +65,8 @@ def _strip_classifier(model: nn.Module) -> int | None:
     return None
 
 
-def _small_image_stem(model: nn.Module) -> None:
+def small_image_stem(model: nn.Module) -> None:
+    """Give a ResNet the CIFAR stem in place: a 3x3 stride-1 ``conv1`` and no max-pool."""
     conv1 = getattr(model, "conv1", None)
     if not isinstance(conv1, nn.Conv2d) or not hasattr(model, "maxpool"):
         raise ValueError(
@@ -68,7 +80,9 @@ def _small_image_stem(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _infer_feature_dim(module: nn.Module, image_size: int) -> int:
+def infer_feature_dim(module: nn.Module, image_size: int = 224) -> int:
+    """Width of ``module``'s output for a ``2 x 3 x image_size x image_size`` input (eval mode, no gradient);
+    raises if the output is not ``B x D``."""
     was_training = module.training
     module.eval()
     try:
@@ -77,6 +91,10 @@ def _infer_feature_dim(module: nn.Module, image_size: int) -> int:
         out = module(torch.zeros(2, 3, image_size, image_size, device=device))
     finally:
         module.train(was_training)
+    if out.ndim != 2:
+        raise ValueError(
+            f"the encoder must return B x D features, got shape {tuple(out.shape)}; wrap it in PooledBackbone"
+        )
     return int(out.shape[1])
 
 
@@ -99,9 +117,11 @@ def build_backbone(
     if isinstance(backbone, str):
         available = torchvision.models.list_models(module=torchvision.models)
         if backbone not in available:
+            close = difflib.get_close_matches(backbone, available, n=3, cutoff=0.6)
+            hint = f"Did you mean {' or '.join(close)}? " if close else ""
             raise ValueError(
-                f"Unknown backbone {backbone!r}. Use a torchvision classification model name "
-                f"(e.g. resnet18, resnet50; all: torchvision.models.list_models()) or pass an nn.Module."
+                f"Unknown backbone {backbone!r}. {hint}Use a torchvision classification model name "
+                "(e.g. resnet18, resnet50; all: torchvision.models.list_models()) or pass an nn.Module."
             )
         model = torchvision.models.get_model(backbone, weights=None)
         if weights_path is not None:
@@ -109,25 +129,27 @@ def build_backbone(
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
             model.load_state_dict(state, strict=True)
-        inferred = _strip_classifier(model)
+        inferred = strip_classifier(model)
     elif isinstance(backbone, nn.Module):
         if weights_path is not None:
-            raise ValueError("weights_path is only used with a torchvision model name; load your module's weights yourself.")
+            raise ValueError(
+                "weights_path is only used with a torchvision model name; load your module's weights yourself."
+            )
         model = backbone
-        inferred = _strip_classifier(model) if any(hasattr(model, a) for a in _CLASSIFIER_ATTRS) else None
+        inferred = strip_classifier(model) if any(hasattr(model, a) for a in CLASSIFIER_ATTRS) else None
     else:
         raise TypeError(f"backbone must be a torchvision model name or an nn.Module, got {type(backbone).__name__}")
 
     if small_image:
-        _small_image_stem(model)
+        small_image_stem(model)
     module = PooledBackbone(model)
     if feature_dim is None:
-        feature_dim = _infer_feature_dim(module, 32 if small_image else 224) if inferred is None else inferred
+        feature_dim = infer_feature_dim(module, 32 if small_image else 224) if inferred is None else inferred
     return module, int(feature_dim)
 
 
 def reset_parameters(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Return a deep copy of ``module`` with every submodule's parameters re-initialised."""
+    """Return a deep copy of ``module`` with every submodule's parameters re-initialized."""
     module = copy.deepcopy(module)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -136,4 +158,17 @@ def reset_parameters(module: nn.Module, seed: int = 0) -> nn.Module:
                 sub.reset_parameters()
             if hasattr(sub, "reset_running_stats") and callable(sub.reset_running_stats):
                 sub.reset_running_stats()
+    return module
+
+
+def batch_norm_to_layer_norm(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm2d`` of ``module`` (in place) by ``GroupNorm(1, C)``, i.e. layer norm
+    over C, H, W of each sample, as CPC v2 does in its encoder. Returns ``module``."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            norm = nn.GroupNorm(1, child.num_features, eps=child.eps, affine=child.affine)
+            ref = next(iter([*child.parameters(), *child.buffers()]), None)
+            setattr(module, name, norm if ref is None else norm.to(ref.device))
+        else:
+            batch_norm_to_layer_norm(child)
     return module

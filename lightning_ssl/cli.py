@@ -2,23 +2,30 @@
 
     lightning-ssl fit --config configs/quickstart.yaml
     lightning-ssl fit --config configs/simclr_cifar10.yaml --trainer.max_epochs 10
-    python -m lightning_ssl validate --config ... --ckpt_path ...
-    lightning-ssl export CKPT OUT.pt      # encoder as a torchvision state_dict
+    lightning-ssl fit --model MoCoV2 --help      # every argument of a method, with its default
+    lightning-ssl export CKPT OUT.pt             # encoder as a torchvision state_dict
 
 ``--model`` takes any ``SSLMethod`` subclass (``lightning_ssl.SimCLR``, ``MoCo``, ``MoCoV2``,
-``BYOL``, ...) and ``--data`` any ``LightningDataModule``.
+``BYOL``, ``CPC``, ``CPCv2``; every entry of ``lightning_ssl.REGISTRY``) and ``--data`` any
+``LightningDataModule`` (``lightning_ssl.datamodules.*`` are registered by their short names).
 
 Under ``torchrun``, ``fabric run`` or SLURM ``srun`` the trainer's ``devices`` and ``num_nodes``
 (and ``fabric run``'s accelerator/strategy/precision) are taken from the launcher's environment
 (``lightning_ssl.distributed.launcher_trainer_flags``), so the same config runs unchanged.
 """
+
 from __future__ import annotations
+
+import sys
 
 import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 
+import lightning_ssl.callbacks  # noqa: F401  (registers the callbacks for short class names)
+import lightning_ssl.datamodules  # noqa: F401  (registers the datamodules for short class names)
 from lightning_ssl.distributed import launcher_trainer_flags
-from lightning_ssl.methods.base import SSLMethod
+from lightning_ssl.evaluation.export import export_main
+from lightning_ssl.methods import SSLMethod
 
 __all__ = ["main", "SSLCLI"]
 
@@ -34,16 +41,9 @@ class SSLCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    import sys
-
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["export"]:
-        from lightning_ssl.evaluation.export import export_main
-
         return export_main(argv[1:])
-    import datamodules  # noqa: F401  (registers the datamodules for short class names)
-    import callbacks  # noqa: F401
-
     SSLCLI(
         SSLMethod,
         pl.LightningDataModule,

@@ -4,9 +4,10 @@ A PixelCNN-style stack over the patch grid, causal over rows: the context at row
 the patch vectors of rows ``<= i`` only (every column of those rows may be seen). Each block is a
 residual bottleneck ``x + conv1x1(relu(causal_conv(relu(conv1x1(relu(x))))))`` whose middle
 convolution covers the current row and the ``kernel_size - 1`` rows above it (zero padding on top,
-none below). There is deliberately no normalisation layer: batch or layer norm over the grid would
+none below). There is deliberately no normalization layer: batch or layer norm over the grid would
 mix statistics of lower rows into upper ones and break causality.
 """
+
 from __future__ import annotations
 
 import torch

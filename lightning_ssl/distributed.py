@@ -11,6 +11,7 @@ statistics never mix a query with its own key.
 ``launcher_trainer_flags`` reads the ``Trainer`` flags (devices, nodes) implied by the launcher
 (``torchrun``, ``fabric run``, SLURM ``srun``) from the environment.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,14 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "is_distributed", "world_size", "rank", "gather_with_grad", "gather_no_grad",
-    "batch_shuffle", "batch_unshuffle", "launcher_trainer_flags",
+    "is_distributed",
+    "world_size",
+    "rank",
+    "gather_with_grad",
+    "gather_no_grad",
+    "batch_shuffle",
+    "batch_unshuffle",
+    "launcher_trainer_flags",
 ]
 
 
@@ -139,14 +146,19 @@ def launcher_trainer_flags(env: Mapping[str, str] | None = None) -> dict[str, An
     local, world = _int(env, "LOCAL_WORLD_SIZE"), _int(env, "WORLD_SIZE")
     if "TORCHELASTIC_RUN_ID" in env and local and world:
         if world % local != 0:
-            raise ValueError(f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}: launch the same number of processes on every node")
+            raise ValueError(
+                f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}: "
+                "launch the same number of processes on every node"
+            )
         flags = {"devices": local, "num_nodes": world // local}
     elif "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
         ntasks = _int(env, "SLURM_NTASKS")
         nnodes = _int(env, "SLURM_NNODES") or _int(env, "SLURM_JOB_NUM_NODES") or 1
         if ntasks:
             if ntasks % nnodes != 0:
-                raise ValueError(f"SLURM_NTASKS={ntasks} is not a multiple of SLURM_NNODES={nnodes}: use --ntasks-per-node")
+                raise ValueError(
+                    f"SLURM_NTASKS={ntasks} is not a multiple of SLURM_NNODES={nnodes}: use --ntasks-per-node"
+                )
             flags = {"devices": ntasks // nnodes, "num_nodes": nnodes}
     for key, flag in (("LT_ACCELERATOR", "accelerator"), ("LT_STRATEGY", "strategy"), ("LT_PRECISION", "precision")):
         if env.get(key):

@@ -7,6 +7,7 @@ which widths its paper uses:
 - MoCo v1 (He et al. 2020): ``[D, 128]`` (linear); MoCo v2 (Chen et al. 2020): ``[D, 2048, 128]`` without BN.
 - BYOL (Grill et al. 2020): projector ``[D, 4096, 256]``, predictor ``[256, 4096, 256]``, with BN.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

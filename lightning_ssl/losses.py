@@ -3,21 +3,24 @@
 - ``nt_xent``: SimCLR's normalized temperature-scaled cross entropy (Chen et al. 2020, eq. 1).
 - ``moco_info_nce``: MoCo's InfoNCE with a queue of negatives (He et al. 2020, eq. 1).
 - ``byol_loss``: BYOL's normalized regression 2 - 2 cos(p, z) (Grill et al. 2020, eq. 2).
+- ``cpc_info_nce``: image CPC's InfoNCE over patch vectors (Oord et al. 2018, eq. 4).
 
 Each loss computes in float32 with autocast off (``_float32``), so under ``precision="bf16-mixed"``
-(or 16-mixed) the normalisation, the similarity logits and the softmax are not rounded to 16 bits;
+(or 16-mixed) the normalization, the similarity logits and the softmax are not rounded to 16 bits;
 gradients flow back to the 16-bit projections through the casts.
 """
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lightning_ssl.distributed import gather_with_grad, rank
 
-__all__ = ["nt_xent", "moco_info_nce", "byol_loss"]
+__all__ = ["nt_xent", "moco_info_nce", "byol_loss", "cpc_info_nce"]
 
 
 def _float32(loss_fn):
@@ -72,9 +75,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather
 
 @_float32
 def moco_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
-    """InfoNCE of MoCo: positive q.k, negatives q.queue (the queue holds K normalised keys, ``K x D``).
+    """InfoNCE of MoCo: positive q.k, negatives q.queue (the queue holds K normalized keys, ``K x D``).
 
-    ``q`` and ``k`` are normalised here; ``k`` is treated as a constant (no gradient).
+    ``q`` and ``k`` are normalized here; ``k`` is treated as a constant (no gradient).
     """
     q = F.normalize(q, dim=1)
     k = F.normalize(k.detach(), dim=1)
@@ -89,12 +92,6 @@ def moco_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of ``2 - 2 cos(p, z)``; ``z`` (the target projection) gets no gradient."""
     return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()
-
-
-# --------------------------------------------------------------------------------------------- CPC
-from collections.abc import Sequence  # noqa: E402
-
-__all__ += ["cpc_info_nce"]
 
 
 def cpc_info_nce(
@@ -127,7 +124,7 @@ def cpc_info_nce(
         raise ValueError(f"{s} predictions per position but {len(steps)} steps {list(steps)}")
     if any(k < 1 or k >= rows for k in steps):
         raise ValueError(f"every step must lie in 1..{rows - 1} for a grid of {rows} rows, got {list(steps)}")
-    # Logits in at least float32, also under mixed precision: unnormalised dot products overflow fp16.
+    # Logits in at least float32, also under mixed precision: unnormalized dot products overflow fp16.
     dtype = torch.promote_types(targets.dtype, torch.float32)
     predictions, targets = predictions.to(dtype), targets.to(dtype)
     local = targets.permute(0, 2, 3, 1).reshape(b * rows * cols, d)  # row-major: (b, i, j)

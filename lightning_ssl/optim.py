@@ -2,13 +2,14 @@
 
 - ``LARS`` (You et al. 2017), as used by SimCLR and BYOL: layer-wise trust ratio
   ``eta * ||w|| / ||g + wd * w||`` inside the momentum, eta = 0.001. Parameter groups with
-  ``lars_exclude=True`` (biases and normalisation parameters) get neither weight decay nor adaptation.
+  ``lars_exclude=True`` (biases and normalization parameters) get neither weight decay nor adaptation.
 - ``split_weight_decay``: biases and norm parameters (every parameter with ndim <= 1) in a group
   without weight decay, as in SimCLR/BYOL.
 - ``lr_lambda``: linear warmup then cosine decay to 0 (SimCLR, BYOL, MoCo v2) or MoCo v1's step
   decay (x0.1 at 60% and 80% of training, i.e. epochs 120 and 160 of 200).
 - ``scaled_lr``: the linear scaling rule lr = base_lr x global_batch / 256.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,14 +18,25 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["LARS", "split_weight_decay", "lr_lambda", "scaled_lr", "build_optimizer"]
+__all__ = [
+    "LARS",
+    "split_weight_decay",
+    "lr_lambda",
+    "scaled_lr",
+    "build_optimizer",
+    "OPTIMIZERS",
+    "SCHEDULES",
+]
+
+OPTIMIZERS = ("lars", "sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
 
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (SimCLR's TF implementation).
 
     Every step is multi-tensor (``torch._foreach_*``), with the trust ratios computed for all layers at
-    once and no host synchronisation. ``fused=True`` takes the momentum/update part as one fused SGD
+    once and no host synchronization. ``fused=True`` takes the momentum/update part as one fused SGD
     kernel (``torch._fused_sgd_``) after the trust-ratio scaling; the result is the same.
     """
 
@@ -40,7 +52,9 @@ class LARS(torch.optim.Optimizer):
     ):
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=lars_exclude, fused=fused)
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=lars_exclude, fused=fused
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -71,8 +85,16 @@ class LARS(torch.optim.Optimizer):
                 bufs.append(state["momentum_buffer"])
             if group.get("fused", False):
                 torch._fused_sgd_(
-                    params, list(grads), bufs, weight_decay=0.0, momentum=group["momentum"], lr=group["lr"],
-                    dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
+                    params,
+                    list(grads),
+                    bufs,
+                    weight_decay=0.0,
+                    momentum=group["momentum"],
+                    lr=group["lr"],
+                    dampening=0.0,
+                    nesterov=False,
+                    maximize=False,
+                    is_first_step=False,
                 )
                 continue
             torch._foreach_mul_(bufs, group["momentum"])
@@ -116,7 +138,9 @@ def scaled_lr(base_lr: float, global_batch_size: int) -> float:
     return base_lr * global_batch_size / 256
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float, fused: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, groups: list[dict], lr: float, momentum: float, fused: bool = False
+) -> torch.optim.Optimizer:
     """``lars``, ``sgd`` or ``adamw`` over parameter groups from ``split_weight_decay``.
 
     Steps are multi-tensor (``foreach``) by default, on every device; ``fused=True`` uses fused kernels.

@@ -5,12 +5,14 @@ A 256x256 image is cut into a 7x7 grid of 64x64 patches with a 32-pixel stride (
 does it for a whole batch at once with ``Tensor.unfold`` (a view, no copy, on the input's device).
 ``augment_patches`` is CPC v2's per-patch augmentation, batched over all patches.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["extract_patches", "grid_shape", "augment_patches"]
+__all__ = ["extract_patches", "grid_shape", "augment_patches", "encode_patches", "PatchGridEncoder"]
 
 
 def grid_shape(height: int, width: int, patch_size: int, stride: int) -> tuple[int, int]:
@@ -25,9 +27,7 @@ def grid_shape(height: int, width: int, patch_size: int, stride: int) -> tuple[i
     return (height - patch_size) // stride + 1, (width - patch_size) // stride + 1
 
 
-def extract_patches(
-    images: torch.Tensor, patch_size: int, stride: int, grid_size: int | None = None
-) -> torch.Tensor:
+def extract_patches(images: torch.Tensor, patch_size: int, stride: int, grid_size: int | None = None) -> torch.Tensor:
     """Cut ``B x C x H x W`` images into a ``B x rows x cols x C x patch_size x patch_size`` grid.
 
     Patch ``(i, j)`` is ``images[:, :, i*stride : i*stride+patch_size, j*stride : j*stride+patch_size]``.
@@ -49,6 +49,27 @@ def extract_patches(
     return grid.permute(0, 2, 3, 1, 4, 5)
 
 
+def encode_patches(patches: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+    """Backbone features of every patch: ``B x rows x cols x C x P x P`` to ``B x rows x cols x F``."""
+    b, rows, cols = patches.shape[:3]
+    features = backbone(patches.reshape(b * rows * cols, *patches.shape[3:]))
+    return features.view(b, rows, cols, -1)
+
+
+class PatchGridEncoder(nn.Module):
+    """CPC's evaluation encoder (Oord et al. 2018, sec. 3.3; Henaff et al. 2019, sec. 4): the
+    backbone's features of every patch of the grid, averaged over the grid (``B x F``)."""
+
+    def __init__(self, backbone: nn.Module, patch_size: int, patch_stride: int, grid_size: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.patch_size, self.patch_stride, self.grid_size = patch_size, patch_stride, grid_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = extract_patches(images, self.patch_size, self.patch_stride, self.grid_size)
+        return encode_patches(patches, self.backbone).mean(dim=(1, 2))
+
+
 def augment_patches(
     patches: torch.Tensor, crop_fraction: float = 1.0, flip_prob: float = 0.0, color_drop_prob: float = 0.0
 ) -> torch.Tensor:
@@ -58,8 +79,8 @@ def augment_patches(
     - a random crop of side ``crop_fraction * P`` anywhere inside the patch, resized back to ``P``
       (bilinear) and, with probability ``flip_prob``, flipped left-right: one ``affine_grid`` +
       ``grid_sample`` with a per-patch affine map;
-    - colour dropping (Doersch et al. 2015): with probability ``color_drop_prob`` all channels but
-      one, chosen at random, are set to 0 (the mean of normalised images).
+    - color dropping (Doersch et al. 2015): with probability ``color_drop_prob`` all channels but
+      one, chosen at random, are set to 0 (the mean of normalized images).
     """
     if patches.ndim != 4:
         raise ValueError(f"expected N x C x P x P patches, got shape {tuple(patches.shape)}")

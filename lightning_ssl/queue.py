@@ -1,4 +1,5 @@
 """MoCo's dictionary as a queue (He et al. 2020, sec. 3.2): FIFO of the K most recent keys."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Shared fixtures. Tests run on CPU with tiny inputs; real-data tests skip without ../shared."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,12 @@ class TinyConvNet(nn.Module):
     def __init__(self, width: int = 16):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, width, 3, stride=2, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
         )
 
     def forward(self, x):

@@ -2,7 +2,7 @@
 
 ``run_distributed(fn, world_size, *args)`` starts ``world_size`` processes (``torch.multiprocessing``,
 spawn), each with the environment a launcher would give it (``MASTER_ADDR=127.0.0.1``, a free
-``MASTER_PORT``, ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``), optionally initialises a gloo process
+``MASTER_PORT``, ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``), optionally initializes a gloo process
 group, calls ``fn(rank, world_size, *args)`` and returns the list of the values the ranks returned
 (saved with ``torch.save``, so tensors come back exactly). ``fn`` must be a module-level function of
 an importable module (the test module itself is fine). A ``Trainer(strategy="ddp", devices=N)``
@@ -22,6 +22,7 @@ A distributed test of another method (e.g. CPC) needs only a worker and one call
 and the full DDP ``Trainer`` fit, checkpoint and resume of ``tests/test_distributed.py`` covers a
 new method once its factory is added to ``FACTORIES`` there (a tiny model taking 8x8 images).
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from datamodules import MultiViewDataset, TensorImageDataset
+from lightning_ssl.datamodules import MultiViewDataset, TensorImageDataset
 
 __all__ = ["free_port", "run_distributed", "RandomTwoViewDataModule", "LOOPBACK"]
 
@@ -53,11 +54,19 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world_size: int, port: int, out_dir: str, init_group: bool, fn: Callable, args: tuple) -> None:
-    os.environ.update({
-        "MASTER_ADDR": LOOPBACK, "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
-        "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size), "NODE_RANK": "0",
-        "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-    })
+    os.environ.update(
+        {
+            "MASTER_ADDR": LOOPBACK,
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "NODE_RANK": "0",
+            "GLOO_SOCKET_IFNAME": "lo",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     torch.set_num_threads(1)
     if init_group:
         dist.init_process_group("gloo", init_method=f"tcp://{LOOPBACK}:{port}", rank=rank, world_size=world_size)
@@ -82,8 +91,11 @@ def run_distributed(fn: Callable, world_size: int = 2, *args, init_group: bool =
     """
     with tempfile.TemporaryDirectory(prefix="lssl-dist-") as out_dir:
         ctx = mp.start_processes(
-            _entry, args=(world_size, free_port(), out_dir, init_group, fn, args), nprocs=world_size,
-            join=False, start_method="spawn",
+            _entry,
+            args=(world_size, free_port(), out_dir, init_group, fn, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
         )
         try:
             import time
@@ -107,7 +119,7 @@ def run_distributed(fn: Callable, world_size: int = 2, *args, init_group: bool =
 class RandomTwoViewDataModule(pl.LightningDataModule):
     """``size`` random ``3 x image_size x image_size`` images (fixed seed) as two-view batches.
 
-    Views are the image and a random horizontal flip of it; ``labelled_dataloader`` gives the
+    Views are the image and a random horizontal flip of it; ``labeled_dataloader`` gives the
     un-augmented images with random labels, so kNN callbacks can run on it too.
     """
 
@@ -124,6 +136,6 @@ class RandomTwoViewDataModule(pl.LightningDataModule):
         dataset = MultiViewDataset(TensorImageDataset(self.images, self.labels), [to_float, flip])
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=True)
 
-    def labelled_dataloader(self, split: str) -> DataLoader:
+    def labeled_dataloader(self, split: str) -> DataLoader:
         dataset = TensorImageDataset(self.images, self.labels, transform=v2.ToDtype(torch.float32, scale=True))
         return DataLoader(dataset, batch_size=64, shuffle=False)

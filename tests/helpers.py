@@ -1,5 +1,8 @@
-"""Small datamodules for tests: random two-view batches on CPU."""
+"""Small datamodules for tests (random two-view batches on CPU) and a host-synchronization counter."""
+
 from __future__ import annotations
+
+import sys
 
 import pytorch_lightning as pl
 import torch
@@ -23,7 +26,9 @@ class _RandomViews(Dataset):
 class RandomTwoViews(pl.LightningDataModule):
     """Deterministic random images; the second view is the first plus small noise."""
 
-    def __init__(self, num_samples: int = 32, batch_size: int = 8, image_size: int = 32, num_classes: int = 4, seed: int = 0):
+    def __init__(
+        self, num_samples: int = 32, batch_size: int = 8, image_size: int = 32, num_classes: int = 4, seed: int = 0
+    ):
         super().__init__()
         self.batch_size = batch_size
         self.dataset = _RandomViews(num_samples, image_size, num_classes, seed)
@@ -31,6 +36,47 @@ class RandomTwoViews(pl.LightningDataModule):
     def train_dataloader(self):
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, drop_last=True)
 
-    def labelled_dataloader(self, split: str):
+    def labeled_dataloader(self, split: str):
         images = torch.utils.data.TensorDataset(self.dataset.images, self.dataset.labels)
         return DataLoader(images, batch_size=self.batch_size)
+
+
+_SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+class SyncCounter(pl.Callback):
+    """Counts Python-level host synchronizations of tensors between consecutive batch starts."""
+
+    def __init__(self):
+        self.per_step, self._count = [], None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._count is not None:
+            self.per_step.append(self._count)
+        self._count = 0
+
+    def patch(self, monkeypatch):
+        for name in _SYNC_METHODS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *a, _original=original, **k):
+                # Adam(W) reads its step counters with .item(); PyTorch keeps them on the host unless the
+                # optimizer is capturable, so that read is no device synchronization: not counted.
+                host_step = "torch/optim/" in sys._getframe(1).f_code.co_filename and tensor.ndim == 0
+                if self._count is not None and not host_step:
+                    self._count += 1
+                return _original(tensor, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpointing, progress bar or model summary (unless given)."""
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})

@@ -1,4 +1,5 @@
 """Generated image trees in the on-disk layouts the datamodules read (for tests, under tmp_path)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,10 +9,11 @@ from PIL import Image
 
 
 def random_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """A smooth colourful RGB image (random gradients plus noise), so crops and jitter matter."""
+    """A smooth colorful RGB image (random gradients plus noise), so crops and jitter matter."""
     yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
-    channels = [np.sin(2 * np.pi * (rng.uniform(0.5, 3) * xx + rng.uniform(0.5, 3) * yy + rng.uniform()))
-                for _ in range(3)]
+    channels = [
+        np.sin(2 * np.pi * (rng.uniform(0.5, 3) * xx + rng.uniform(0.5, 3) * yy + rng.uniform())) for _ in range(3)
+    ]
     arr = (np.stack(channels, -1) * 0.4 + 0.5 + rng.normal(0, 0.05, (height, width, 3))).clip(0, 1)
     return Image.fromarray((arr * 255).astype(np.uint8), "RGB")
 

@@ -1,5 +1,6 @@
 """Augmentation presets, and the on-device path against torchvision: same parameter distributions
 (statistical tests) and same op formulas (numerical tests)."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from scipy import stats
 
-from datamodules.augmentations import ViewConfig, cpu_view_transform, preset
-from datamodules.gpu_augment import GPUAugment, ViewAugment, sample_crop_boxes
+from lightning_ssl.datamodules.augmentations import ViewConfig, cpu_view_transform, preset
+from lightning_ssl.datamodules.gpu_augment import GPUAugment, ViewAugment, sample_crop_boxes
 
 N = 20000  # samples per statistical test
 
@@ -36,7 +37,9 @@ def test_presets_follow_the_papers():
     m1, m2 = preset("moco_v1", 224)[0], preset("moco_v2", 224)[0]
     assert (m1.scale, m1.jitter_p, m1.blur_p, m1.grayscale_p) == ((0.2, 1.0), 1.0, 0.0, 0.2)
     assert m1.jitter == pytest.approx((0.4, 0.4, 0.4, 0.4))
-    assert (m2.scale, m2.jitter_p, m2.blur_p) == ((0.2, 1.0), 0.8, 0.5) and m2.jitter == pytest.approx((0.4, 0.4, 0.4, 0.1))
+    assert (m2.scale, m2.jitter_p, m2.blur_p) == ((0.2, 1.0), 0.8, 0.5) and m2.jitter == pytest.approx(
+        (0.4, 0.4, 0.4, 0.1)
+    )
 
     s = preset("seed")[0]
     assert (s.size, s.scale, s.jitter_p, s.grayscale_p) == (512, (0.3, 1.0), 0.8, 0.0)
@@ -60,7 +63,9 @@ def test_cpu_transform_is_built_from_the_config():
     cfg = preset("byol", 64)[1]
     tf = cpu_view_transform(cfg)
     rrc = _find(tf, T.RandomResizedCrop)
-    assert tuple(rrc.size) == (64, 64) and tuple(rrc.scale) == cfg.scale and tuple(rrc.ratio) == pytest.approx(cfg.ratio)
+    assert (
+        tuple(rrc.size) == (64, 64) and tuple(rrc.scale) == cfg.scale and tuple(rrc.ratio) == pytest.approx(cfg.ratio)
+    )
     jitter = _find(tf, T.ColorJitter)
     assert jitter.p == cfg.jitter_p
     cj = jitter.transforms[0]
@@ -94,10 +99,12 @@ def test_crop_boxes_follow_torchvision(height, width, scale):
     g = torch.Generator().manual_seed(0)
     ours = sample_crop_boxes(torch.full((N,), height), torch.full((N,), width), scale, ratio, g).numpy()
     ref = _cpu_crop_boxes(height, width, scale, ratio, 4000)
-    for fn in (lambda b: b[:, 2] * b[:, 3] / (height * width),  # area fraction
-               lambda b: np.log(b[:, 3] / b[:, 2]),  # log aspect ratio
-               lambda b: (b[:, 0] + b[:, 2] / 2) / height,  # centre row
-               lambda b: (b[:, 1] + b[:, 3] / 2) / width):  # centre column
+    for fn in (
+        lambda b: b[:, 2] * b[:, 3] / (height * width),  # area fraction
+        lambda b: np.log(b[:, 3] / b[:, 2]),  # log aspect ratio
+        lambda b: (b[:, 0] + b[:, 2] / 2) / height,  # center row
+        lambda b: (b[:, 1] + b[:, 3] / 2) / width,
+    ):  # center column
         assert _ks_same(fn(ours), fn(ref))
     assert (ours[:, 0] >= 0).all() and (ours[:, 0] + ours[:, 2] <= height).all()
     assert (ours[:, 1] >= 0).all() and (ours[:, 1] + ours[:, 3] <= width).all()
@@ -153,25 +160,33 @@ def test_on_device_parameters_follow_the_cpu_preset(name, view):
 def test_rate_test_detects_a_wrong_probability():
     g = torch.Generator().manual_seed(0)
     params = ViewAugment(preset("simclr", 32)[0].replace(grayscale_p=0.25)).sample_params(
-        torch.full((N,), 32), torch.full((N,), 32), generator=g)
+        torch.full((N,), 32), torch.full((N,), 32), generator=g
+    )
     assert not _rate_close(params["grayscale"], 0.2)
 
 
 # ------------------------------------------------------------- on-device ops: same formulas
 def _identity_params(n, size, **overrides):
     p = {
-        "box": torch.tensor([[0.0, 0.0, size, size]] * n), "flip": torch.zeros(n, dtype=torch.bool),
-        "jitter": torch.zeros(n, dtype=torch.bool), "order": torch.arange(4).repeat(n, 1),
-        "brightness": torch.ones(n), "contrast": torch.ones(n), "saturation": torch.ones(n), "hue": torch.zeros(n),
-        "grayscale": torch.zeros(n, dtype=torch.bool), "blur": torch.zeros(n, dtype=torch.bool),
-        "sigma": torch.ones(n), "solarize": torch.zeros(n, dtype=torch.bool),
+        "box": torch.tensor([[0.0, 0.0, size, size]] * n),
+        "flip": torch.zeros(n, dtype=torch.bool),
+        "jitter": torch.zeros(n, dtype=torch.bool),
+        "order": torch.arange(4).repeat(n, 1),
+        "brightness": torch.ones(n),
+        "contrast": torch.ones(n),
+        "saturation": torch.ones(n),
+        "hue": torch.zeros(n),
+        "grayscale": torch.zeros(n, dtype=torch.bool),
+        "blur": torch.zeros(n, dtype=torch.bool),
+        "sigma": torch.ones(n),
+        "solarize": torch.zeros(n, dtype=torch.bool),
     }
     p.update(overrides)
     return p
 
 
 def _raw(view: ViewAugment, x, params):
-    """Apply and undo the normalisation, to compare with torchvision on [0, 1] images."""
+    """Apply and undo the normalization, to compare with torchvision on [0, 1] images."""
     n = x.shape[0]
     sizes = torch.full((n,), x.shape[-1])
     return view.apply(x.clone(), sizes, sizes, params) * view.std + view.mean
@@ -185,10 +200,14 @@ def test_on_device_ops_match_torchvision_functional():
     on = torch.ones(n, dtype=torch.bool)
     f = torch.tensor([0.6, 1.0, 1.7])
     h = torch.tensor([-0.3, 0.05, 0.45])
-    for k, (key, factors, ref) in enumerate([
-        ("brightness", f, TF.adjust_brightness), ("contrast", f, TF.adjust_contrast),
-        ("saturation", f, TF.adjust_saturation), ("hue", h, TF.adjust_hue),
-    ]):
+    for k, (key, factors, ref) in enumerate(
+        [
+            ("brightness", f, TF.adjust_brightness),
+            ("contrast", f, TF.adjust_contrast),
+            ("saturation", f, TF.adjust_saturation),
+            ("hue", h, TF.adjust_hue),
+        ]
+    ):
         order = torch.tensor([k, *[j for j in range(4) if j != k]]).repeat(n, 1)
         out = _raw(view, x, _identity_params(n, 24, jitter=on, order=order, **{key: factors}))
         expected = torch.stack([ref(x[i], float(factors[i])) for i in range(n)])
@@ -211,8 +230,8 @@ def test_crop_and_flip_match_torchvision_resized_crop():
     flip = torch.tensor([False, True])
     out = _raw(view, x, _identity_params(2, 40, box=box, flip=flip))
     for i in range(2):
-        t, l, hh, ww = (int(v) for v in box[i])
-        ref = TF.resized_crop(x[i], t, l, hh, ww, [32, 32], antialias=False)
+        t, left, hh, ww = (int(v) for v in box[i])
+        ref = TF.resized_crop(x[i], t, left, hh, ww, [32, 32], antialias=False)
         ref = TF.hflip(ref) if flip[i] else ref
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
 
@@ -232,7 +251,7 @@ def test_crop_is_drawn_in_original_pixels_of_a_squashed_image():
 
 # ------------------------------------------------------------------------- end to end, both paths
 def test_gpu_augment_views_match_cpu_views_in_distribution():
-    """Same images through both paths: the fraction of grey views and the mean pixel agree."""
+    """Same images through both paths: the fraction of gray views and the mean pixel agree."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -243,11 +262,11 @@ def test_gpu_augment_views_match_cpu_views_in_distribution():
     cpu_views = torch.stack([cpu(Image.fromarray(im.permute(1, 2, 0).numpy())) for im in images.repeat(2, 1, 1, 1)])
     gpu_views = GPUAugment([cfg])(images.repeat(2, 1, 1, 1))[0]
 
-    def grey(v):
+    def gray(v):
         return ((v[:, 0] - v[:, 1]).abs().amax((1, 2)) < 1e-2) & ((v[:, 1] - v[:, 2]).abs().amax((1, 2)) < 1e-2)
 
-    assert abs(grey(cpu_views).float().mean() - 0.2) < 0.05
-    assert abs(grey(gpu_views).float().mean() - 0.2) < 0.05
+    assert abs(gray(cpu_views).float().mean() - 0.2) < 0.05
+    assert abs(gray(gpu_views).float().mean() - 0.2) < 0.05
     assert abs(cpu_views.mean() - gpu_views.mean()) < 0.02
     assert gpu_views.shape == (800, 3, 32, 32) and gpu_views.dtype == torch.float32
 
@@ -261,3 +280,38 @@ def test_gpu_augment_makes_asymmetric_byol_views():
     assert not torch.allclose(v1, v2_)
     with pytest.raises(ValueError, match="N x 3 x H x W"):
         GPUAugment(cfgs)(images[:, :1])
+
+
+def test_on_device_rotation_and_shear_match_torchvision_affine():
+    """Rotation and x-shear (the digits recipe) equal torchvision's ``affine`` with the same angle and
+    shear, bilinear, inside the image; outside the rotated frame the view is 0 (RandomAffine's fill)."""
+    torch.manual_seed(0)
+    n, size = 3, 32
+    x = torch.rand(n, 3, size, size)
+    view = ViewAugment(ViewConfig(size=size, rotation=15.0, shear=10.0))
+    angle, shear = torch.tensor([12.0, -7.5, 3.0]), torch.tensor([-9.0, 4.0, 0.0])
+    out = _raw(view, x, _identity_params(n, size, angle=angle, shear=shear))
+    mid = slice(8, 24)  # pixels whose source lies well inside the image
+    for i in range(n):
+        ref = TF.affine(
+            x[i],
+            angle=float(angle[i]),
+            translate=[0, 0],
+            scale=1.0,
+            shear=[float(shear[i]), 0.0],
+            interpolation=TF.InterpolationMode.BILINEAR,
+        )
+        torch.testing.assert_close(out[i][:, mid, mid], ref[:, mid, mid], atol=1e-5, rtol=0)
+    corners = out[:2, :, [0, 0, -1, -1], [0, -1, 0, -1]]  # rotated by 12 and -7.5 degrees: corners fall outside
+    assert torch.allclose(corners, torch.zeros_like(corners), atol=1e-6)
+
+
+def test_digits_recipe_rotation_and_shear_distribution():
+    """The on-device path draws rotation and shear uniformly in the recipe's ranges."""
+    view = ViewAugment(ViewConfig(size=32, rotation=15.0, shear=10.0))
+    sizes = torch.full((20000,), 32)
+    params = view.sample_params(sizes, sizes, torch.Generator().manual_seed(0))
+    for key, bound in (("angle", 15.0), ("shear", 10.0)):
+        values = params[key]
+        assert values.min() >= -bound and values.max() <= bound
+        assert abs(values.mean()) < 0.05 * bound and abs(values.std() - bound / 3**0.5) < 0.03 * bound

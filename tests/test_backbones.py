@@ -1,4 +1,5 @@
 """build_backbone: torchvision names, any nn.Module, the small-image stem, local weights, errors."""
+
 import pytest
 import torch
 import torchvision
@@ -7,7 +8,9 @@ from torch import nn
 from lightning_ssl.backbones import build_backbone, reset_parameters
 
 
-@pytest.mark.parametrize("name, dim", [("resnet18", 512), ("resnet50", 2048), ("mobilenet_v3_small", 576), ("efficientnet_b0", 1280)])
+@pytest.mark.parametrize(
+    "name, dim", [("resnet18", 512), ("resnet50", 2048), ("mobilenet_v3_small", 576), ("efficientnet_b0", 1280)]
+)
 def test_torchvision_names_strip_the_classifier(name, dim):
     module, feature_dim = build_backbone(name)
     assert feature_dim == dim
@@ -18,7 +21,9 @@ def test_torchvision_names_strip_the_classifier(name, dim):
 def test_small_image_stem_keeps_resolution():
     module, dim = build_backbone("resnet18", small_image=True)
     resnet = module.module
-    assert resnet.conv1.kernel_size == (3, 3) and resnet.conv1.stride == (1, 1) and isinstance(resnet.maxpool, nn.Identity)
+    assert (
+        resnet.conv1.kernel_size == (3, 3) and resnet.conv1.stride == (1, 1) and isinstance(resnet.maxpool, nn.Identity)
+    )
     feats = {}
 
     def record(module, inputs, output):

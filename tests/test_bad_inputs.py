@@ -1,5 +1,6 @@
 """Real-world folders: corrupt, truncated and non-image files, unusual image modes, tiny images,
 empty class folders, missing roots and splits. Each case of issue 4 (Cityscapes aside) has a test."""
+
 from __future__ import annotations
 
 import struct
@@ -10,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from image_trees import make_tree, random_image
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datamodules import CIFAR10DataModule, ImageNetDataModule
-from datamodules.image_folder import RobustImageFolder, load_rgb
-from image_trees import make_tree, random_image
+from lightning_ssl.datamodules import CIFAR10DataModule, ImageNetDataModule
+from lightning_ssl.datamodules.image_folder import RobustImageFolder, load_rgb
 
 
 def _tree(tmp_path: Path, classes=("a", "b"), per_class=3) -> Path:
@@ -23,8 +24,9 @@ def _tree(tmp_path: Path, classes=("a", "b"), per_class=3) -> Path:
 
 
 def _dm(root, **kw):
-    args = dict(root=str(root), num_workers=0, batch_size=2, image_size=32, eval_resize=32, eval_crop=32,
-                drop_last=False)
+    args = dict(
+        root=str(root), num_workers=0, batch_size=2, image_size=32, eval_resize=32, eval_crop=32, drop_last=False
+    )
     args.update(kw)
     return ImageNetDataModule(**args)
 
@@ -94,8 +96,12 @@ def _png16_rgb(path: Path, pixels: np.ndarray) -> None:
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_grayscale_cmyk_rgba_palette_and_16bit_images_become_rgb(tmp_path):
@@ -139,10 +145,10 @@ def test_image_smaller_than_the_crop(tmp_path):
         batch = next(iter(dm.train_dataloader()))
         views, _ = dm.on_after_batch_transfer(batch, 0)
         assert [v.shape for v in views] == [(2, 3, 32, 32)] * 2 and all(torch.isfinite(v).all() for v in views)
-        x, _ = next(iter(dm.labelled_dataloader("val")))
+        x, _ = next(iter(dm.labeled_dataloader("val")))
         assert x.shape == (1, 3, 36, 36)
     cifar = CIFAR10DataModule(root=str(root), val_split="val", num_workers=0, batch_size=2)
-    assert next(iter(cifar.labelled_dataloader("val")))[0].shape == (1, 3, 32, 32)  # resized only when needed
+    assert next(iter(cifar.labeled_dataloader("val")))[0].shape == (1, 3, 32, 32)  # resized only when needed
 
 
 # ------------------------------------------------------------------------ folder structure
@@ -151,13 +157,19 @@ def test_empty_class_folder_keeps_its_label_index(tmp_path):
     for f in (root / "train" / "b").iterdir():
         f.unlink()
     with pytest.warns(UserWarning, match="1 class folder\\(s\\).*hold no readable image: b"):
-        dm = _dm(root, labelled_fraction=0.5)
+        dm = _dm(root, labeled_fraction=0.5)
         dm.setup()
     assert dm.classes == ["a", "b", "c"]
     assert sorted(set(dm._base_dataset("train").targets)) == [0, 2]
-    _, labels = next(iter(dm.labelled_dataloader("val", )))
+    _, labels = next(
+        iter(
+            dm.labeled_dataloader(
+                "val",
+            )
+        )
+    )
     assert labels.tolist() == [0, 1, 2]  # val's b image keeps label 1
-    assert len(dm.labelled_indices()) == 4  # 2 of a, 2 of c
+    assert len(dm.labeled_indices()) == 4  # 2 of a, 2 of c
     for f in (root / "train").rglob("*.jpg"):
         f.unlink()
     with pytest.raises(FileNotFoundError, match="no readable images"):
@@ -170,7 +182,7 @@ def test_missing_root_split_or_class_names_the_path_and_layout(tmp_path):
         _dm(missing).setup()
     root = _tree(tmp_path)
     with pytest.raises(FileNotFoundError, match=f"{root / 'validation'}.*'train', 'val'.*expected layout"):
-        _dm(root, val_split="validation").labelled_dataloader("val")
+        _dm(root, val_split="validation").labeled_dataloader("val")
     with pytest.raises(FileNotFoundError, match=f"{root / 'train2'}"):
         _dm(root, train_split="train2").train_dataloader()
     (root / "empty_split").mkdir()
@@ -178,6 +190,6 @@ def test_missing_root_split_or_class_names_the_path_and_layout(tmp_path):
         RobustImageFolder(root / "empty_split")
     (root / "val" / "a").rename(root / "val" / "z")  # val lacks a training class
     with pytest.raises(FileNotFoundError, match="class folder\\(s\\) missing in .*val: a"):
-        _dm(root).labelled_dataloader("val")
+        _dm(root).labeled_dataloader("val")
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py.*<train_split>/<class>"):
         CIFAR10DataModule(root=str(missing)).setup()

@@ -1,30 +1,58 @@
 """Cityscapes datamodule on small generated trees in the exact official layout."""
+
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from torchvision.io import write_png
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.make_synthetic_cityscapes import make_synthetic_cityscapes  # noqa: E402
-from datamodules import CityscapesDataModule  # noqa: E402
-from datamodules.cityscapes import (  # noqa: E402
-    CITYSCAPES_CLASSES, CityscapesSegmentation, cityscapes_pairs, label_ids_to_train_ids,
+from lightning_ssl.datamodules import CityscapesDataModule
+from lightning_ssl.datamodules.cityscapes import (
+    CITYSCAPES_CLASSES,
+    CityscapesSegmentation,
+    cityscapes_pairs,
+    label_ids_to_train_ids,
 )
+from lightning_ssl.datamodules.synthetic_cityscapes import make_synthetic_cityscapes
 
 # cityscapesScripts/helpers/labels.py, verbatim: (name, id, trainId)
 OFFICIAL = [
-    ("unlabeled", 0, 255), ("ego vehicle", 1, 255), ("rectification border", 2, 255), ("out of roi", 3, 255),
-    ("static", 4, 255), ("dynamic", 5, 255), ("ground", 6, 255), ("road", 7, 0), ("sidewalk", 8, 1),
-    ("parking", 9, 255), ("rail track", 10, 255), ("building", 11, 2), ("wall", 12, 3), ("fence", 13, 4),
-    ("guard rail", 14, 255), ("bridge", 15, 255), ("tunnel", 16, 255), ("pole", 17, 5), ("polegroup", 18, 255),
-    ("traffic light", 19, 6), ("traffic sign", 20, 7), ("vegetation", 21, 8), ("terrain", 22, 9), ("sky", 23, 10),
-    ("person", 24, 11), ("rider", 25, 12), ("car", 26, 13), ("truck", 27, 14), ("bus", 28, 15),
-    ("caravan", 29, 255), ("trailer", 30, 255), ("train", 31, 16), ("motorcycle", 32, 17), ("bicycle", 33, 18),
+    ("unlabeled", 0, 255),
+    ("ego vehicle", 1, 255),
+    ("rectification border", 2, 255),
+    ("out of roi", 3, 255),
+    ("static", 4, 255),
+    ("dynamic", 5, 255),
+    ("ground", 6, 255),
+    ("road", 7, 0),
+    ("sidewalk", 8, 1),
+    ("parking", 9, 255),
+    ("rail track", 10, 255),
+    ("building", 11, 2),
+    ("wall", 12, 3),
+    ("fence", 13, 4),
+    ("guard rail", 14, 255),
+    ("bridge", 15, 255),
+    ("tunnel", 16, 255),
+    ("pole", 17, 5),
+    ("polegroup", 18, 255),
+    ("traffic light", 19, 6),
+    ("traffic sign", 20, 7),
+    ("vegetation", 21, 8),
+    ("terrain", 22, 9),
+    ("sky", 23, 10),
+    ("person", 24, 11),
+    ("rider", 25, 12),
+    ("car", 26, 13),
+    ("truck", 27, 14),
+    ("bus", 28, 15),
+    ("caravan", 29, 255),
+    ("trailer", 30, 255),
+    ("train", 31, 16),
+    ("motorcycle", 32, 17),
+    ("bicycle", 33, 18),
 ]
 
 
@@ -76,7 +104,7 @@ def test_image_without_label_is_skipped_with_one_warning_or_raises_when_strict(t
         cityscapes_pairs(tree, "train", strict=True)
 
 
-def test_ssl_mode_yields_two_unlabelled_views(tree):
+def test_ssl_mode_yields_two_unlabeled_views(tree):
     dm = CityscapesDataModule(str(tree), mode="ssl", batch_size=4, num_workers=0, image_size=24, use_train_extra=True)
     assert len(dm.train_dataset()) == 8  # train + train_extra
     views, target = next(iter(dm.train_dataloader()))
@@ -86,22 +114,22 @@ def test_ssl_mode_yields_two_unlabelled_views(tree):
     assert len(CityscapesDataModule(str(tree), mode="ssl").train_dataset()) == 6
 
 
-def test_segmentation_mode_joint_crop_and_labelled_subset(tree):
+def test_segmentation_mode_joint_crop_and_labeled_subset(tree):
     dm = CityscapesDataModule(
-        str(tree), mode="segmentation", batch_size=2, num_workers=0, crop_size=24, base_size=32, num_labelled=3
+        str(tree), mode="segmentation", batch_size=2, num_workers=0, crop_size=24, base_size=32, num_labeled=3
     )
     assert len(dm.train_dataset()) == 3
-    assert dm.labelled_indices() == CityscapesDataModule(str(tree), mode="segmentation", num_labelled=3).labelled_indices()
+    assert dm.labeled_indices() == CityscapesDataModule(str(tree), mode="segmentation", num_labeled=3).labeled_indices()
     images, masks = next(iter(dm.train_dataloader()))
     assert images.shape == (2, 3, 24, 24) and masks.shape == (2, 24, 24) and masks.dtype == torch.long
     images, masks = next(iter(dm.val_dataloader()))
     assert images.shape[-2:] == masks.shape[-2:] == (32, 64)
-    with pytest.raises(ValueError, match="only 6 labelled"):
-        CityscapesDataModule(str(tree), mode="segmentation", num_labelled=100).train_dataset()
+    with pytest.raises(ValueError, match="only 6 labeled"):
+        CityscapesDataModule(str(tree), mode="segmentation", num_labeled=100).train_dataset()
 
 
 def test_joint_transform_keeps_image_and_mask_aligned(tmp_path):
-    # an image whose left half is white and labelled road (7), right half black and labelled sky (23)
+    # an image whose left half is white and labeled road (7), right half black and labeled sky (23)
     root = tmp_path / "cs"
     (root / "leftImg8bit" / "train" / "x").mkdir(parents=True)
     (root / "gtFine" / "train" / "x").mkdir(parents=True)
@@ -115,7 +143,7 @@ def test_joint_transform_keeps_image_and_mask_aligned(tmp_path):
     dataset = dm.train_dataset()
     for _ in range(10):
         img, mask = dataset[0]
-        value = img.mean(0)  # white is about 3.8 after normalisation, black about -1.5
+        value = img.mean(0)  # white is about 3.8 after normalization, black about -1.5
         assert (mask[value > 3.0] == 0).all() and (mask[value < -1.4] != 0).all()
         assert (value[mask == 0] > 0).all() and (value[mask == 10] < 0).all()
         assert (mask == 0).any() or (mask == 10).any()

@@ -1,4 +1,5 @@
 """The lightning-ssl command: every config parses; the quickstart config trains and reports."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +29,25 @@ def test_config_parses(config, capsys):
 
 
 def test_quickstart_config_runs_a_few_steps(tmp_path, capsys):
-    main([
-        "fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
-        "--trainer.max_steps", "2", "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-        "--trainer.log_every_n_steps", "1",
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "quickstart.yaml"),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.log_every_n_steps",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert "Weighted kNN top-1" in out and "10 per class" in out
     assert list(tmp_path.rglob("*.ckpt")) and list(tmp_path.rglob("metrics.csv"))

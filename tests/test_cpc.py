@@ -1,20 +1,21 @@
 """CPC v1/v2: patch grid, causal context network, InfoNCE against a naive loop, training and checkpoints."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from conftest import TinyConvNet
+from helpers import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TinyConvNet
 from lightning_ssl import CPC, CPCv2
+from lightning_ssl.backbones import batch_norm_to_layer_norm
 from lightning_ssl.context import ContextNetwork
 from lightning_ssl.losses import cpc_info_nce
-from lightning_ssl.methods.cpc import batch_norm_to_layer_norm
 from lightning_ssl.patches import augment_patches, extract_patches, grid_shape
 
 
@@ -40,7 +41,7 @@ def test_grid_shape_and_errors():
 
 
 # --------------------------------------------------------------------------------- augmentation
-def test_patch_flip_and_colour_drop_are_exact():
+def test_patch_flip_and_color_drop_are_exact():
     patches = torch.randn(50, 3, 8, 8)
     flipped = augment_patches(patches, crop_fraction=1.0, flip_prob=1.0)
     torch.testing.assert_close(flipped, patches.flip(-1), atol=1e-5, rtol=0)
@@ -176,20 +177,32 @@ def test_loss_rejects_bad_steps():
 # ---------------------------------------------------------------------------------------- method
 def _loader(n=8, size=16, batch=4):
     images = torch.randn(n, 3, size, size)
-    return DataLoader(TensorDataset(images, torch.zeros(n, dtype=torch.long)), batch_size=batch,
-                      collate_fn=lambda items: ([torch.stack([x for x, _ in items])], torch.stack([y for _, y in items])))
+    return DataLoader(
+        TensorDataset(images, torch.zeros(n, dtype=torch.long)),
+        batch_size=batch,
+        collate_fn=lambda items: ([torch.stack([x for x, _ in items])], torch.stack([y for _, y in items])),
+    )
 
 
 def _tiny_cpc(cls=CPC, backbone=None, **kw):
     # 16x16 images, 4x4 patches every 2 pixels: a 7x7 grid.
-    kw = dict(patch_size=4, patch_stride=2, embedding_dim=16, context_hidden_dim=8, context_blocks=2,
-              prediction_steps=3, lr=1e-3, **kw)
+    kw = dict(
+        patch_size=4,
+        patch_stride=2,
+        embedding_dim=16,
+        context_hidden_dim=8,
+        context_blocks=2,
+        prediction_steps=3,
+        lr=1e-3,
+        **kw,
+    )
     return cls(backbone=backbone if backbone is not None else TinyConvNet(width=8), **kw)
 
 
 def _fit(model, steps=3):
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(
+        max_steps=steps,
+    )
     trainer.fit(model, _loader())
     return trainer
 
@@ -211,7 +224,7 @@ def test_v2_defaults_and_layer_norm_encoder():
     assert model.bidirectional and model.patch_augment
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules())
     assert any(isinstance(m, nn.GroupNorm) and m.num_groups == 1 for m in model.backbone.modules())
-    # Per-sample normalisation: one image's features do not depend on the rest of the batch.
+    # Per-sample normalization: one image's features do not depend on the rest of the batch.
     images = torch.randn(3, 3, 32, 32)
     model.train()
     torch.testing.assert_close(model.representation(images)[:1], model.representation(images[:1]), atol=1e-5, rtol=1e-5)
@@ -276,4 +289,3 @@ def test_config_model_arguments_build_the_model(name):
     model = getattr(importlib.import_module(module), cls_name)(**config["model"]["init_args"])
     assert isinstance(model, CPC)
     assert {k: model.hparams[k] for k in config["model"]["init_args"]} == config["model"]["init_args"]
-

@@ -4,6 +4,7 @@ What each test would catch is said in its docstring: negatives not gathered, key
 process, EMA diverging across ranks, wrong learning-rate scaling, broken checkpoint resume, a CLI
 that ignores the launcher.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,11 +17,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from conftest import TinyConvNet
 from dist_utils import LOOPBACK, RandomTwoViewDataModule, free_port, run_distributed
-from lightning_ssl import BYOL, MoCo, MoCoV2, SimCLR
+from helpers import quiet_trainer
+from torch import nn
+
+from lightning_ssl import REGISTRY, MoCoV2, SimCLR
 from lightning_ssl.distributed import batch_shuffle, batch_unshuffle, launcher_trainer_flags
 
 pytestmark = [
@@ -35,27 +37,29 @@ REPO = TESTS_DIR.parent
 
 
 # ----------------------------------------------------------------------------- model factories
+SIZE = 16  # image side of the distributed runs
+
+
 def _simclr() -> SimCLR:
-    return SimCLR(TinyConvNet(), projection_hidden_dim=32, projection_dim=8, temperature=0.5, base_lr=0.3, warmup_epochs=0)
+    return SimCLR(
+        TinyConvNet(), projection_hidden_dim=32, projection_dim=8, temperature=0.5, base_lr=0.3, warmup_epochs=0
+    )
 
 
-def _moco() -> MoCo:
-    # queue of 32 = 2 x the global batch 16 (4 per process x 2 processes x accumulation 2)
-    return MoCo(TinyConvNet(), projection_dim=8, queue_size=32, momentum_tau=0.9, base_lr=0.03)
+def _registered(name: str):
+    """Every registered method, small (the MoCo queue of 64 is a multiple of the global batch 16 =
+    4 per process x 2 processes x accumulation 2)."""
+    return REGISTRY[name].build(size="small", backbone=TinyConvNet(), warmup_epochs=0)
 
 
-def _byol() -> BYOL:
-    return BYOL(TinyConvNet(), projection_hidden_dim=32, projection_dim=8, tau_base=0.9, base_lr=0.2, warmup_epochs=0)
-
-
-FACTORIES = {"simclr": _simclr, "moco": _moco, "byol": _byol}
+NAMES = sorted(REGISTRY)
 
 
 def _flat(modules) -> torch.Tensor:
     return torch.cat([p.detach().flatten().clone() for m in modules for p in m.parameters()])
 
 
-def _views(seed: int, n: int, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def _views(seed: int, n: int, size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g), torch.randn(n, 3, size, size, generator=g)
 
@@ -83,18 +87,21 @@ def _collectives_worker(rank: int, world: int) -> dict:
     out: dict = {}
     local = slice(rank * B, (rank + 1) * B)
 
-    # SimCLR under DDP, eval mode (BN uses running statistics, so the batch split cannot matter).
-    # float64, so that the comparison is elementwise to 1e-5 and not limited by float32 summation order.
-    torch.manual_seed(0)
-    model = _simclr().double().eval()
+    # Every registered method under DDP, eval mode (BN uses running statistics, so the batch split
+    # cannot matter; no random augmentation). float64, so that the comparison is elementwise to 1e-5
+    # and not limited by float32 summation order.
     x1, x2 = (v.double() for v in _views(1, WORLD * B))
-    ddp = nn.parallel.DistributedDataParallel(_StepModule(model))
-    loss = ddp(x1[local], x2[local])
-    loss.backward()
-    mean_loss = loss.detach().clone()
-    torch.distributed.all_reduce(mean_loss)
-    out["simclr_loss"] = mean_loss / world
-    out["simclr_grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    out["steps"] = {}
+    for name in NAMES:
+        torch.manual_seed(0)
+        model = _registered(name).double().eval()
+        ddp = nn.parallel.DistributedDataParallel(_StepModule(model))
+        loss = ddp(x1[local], x2[local])
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        torch.distributed.all_reduce(mean_loss)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out["steps"][name] = {"loss": mean_loss / world, "grads": grads}
 
     # batch_shuffle / batch_unshuffle on rank-specific rows.
     torch.manual_seed(1)
@@ -121,7 +128,8 @@ def _collectives_worker(rank: int, world: int) -> dict:
     out["moco"] = {"keys": keys, **recorded}
     if rank == 0:
         out["moco"]["key_encoder"] = {
-            "backbone": moco.backbone_momentum.state_dict(), "projector": moco.projector_momentum.state_dict(),
+            "backbone": moco.backbone_ema.state_dict(),
+            "projector": moco.projector_ema.state_dict(),
         }
     return out
 
@@ -131,21 +139,31 @@ def collectives() -> list[dict]:
     return run_distributed(_collectives_worker, WORLD)
 
 
-def test_simclr_two_processes_equal_one_process_with_double_batch(collectives):
-    """Loss and DDP-averaged gradients of 2 processes x B equal 1 process x 2B (negatives gathered
-    with gradients, positives at the right global index on rank 1)."""
+@pytest.mark.parametrize("name", NAMES)
+def test_two_processes_equal_one_process_with_the_global_batch(collectives, name):
+    """Loss and DDP-averaged gradients of 2 processes x B equal 1 process x 2B, for every registered
+    method (negatives, queues and statistics gathered across processes, positives at the right global
+    index on rank 1)."""
     torch.manual_seed(0)
-    model = _simclr().double().eval()
+    model = _registered(name).double().eval()
     x1, x2 = (v.double() for v in _views(1, WORLD * B))
-    loss = model.training_step(([x1, x2], None), 0)
+    out = model.training_step(([x1, x2], None), 0)
+    loss = out["loss"] if isinstance(out, dict) else out
     loss.backward()
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert len(expected) > 0
     for r in range(WORLD):
-        torch.testing.assert_close(collectives[r]["simclr_loss"], loss.detach(), rtol=1e-5, atol=0)
-        grads = collectives[r]["simclr_grads"]
-        expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        assert grads.keys() == expected.keys() and len(grads) > 0
-        for name, grad in expected.items():
-            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-12 * grad.abs().max().item(), msg=lambda m, n=name: f"{n}: {m}")
+        step = collectives[r]["steps"][name]
+        torch.testing.assert_close(step["loss"], loss.detach(), rtol=1e-5, atol=0)
+        assert step["grads"].keys() == expected.keys()
+        for key, grad in expected.items():
+            torch.testing.assert_close(
+                step["grads"][key],
+                grad,
+                rtol=1e-5,
+                atol=1e-12 * grad.abs().max().item(),
+                msg=lambda m, k=key: f"{k}: {m}",
+            )
 
 
 def test_simclr_local_negatives_would_differ():
@@ -184,13 +202,13 @@ def test_moco_shuffle_bn_keys_equal_single_process_keys_per_sub_batch(collective
     torch.manual_seed(0)
     moco = MoCoV2(TinyConvNet(), projection_hidden_dim=32, projection_dim=8, queue_size=64).train()
     state = collectives[0]["moco"]["key_encoder"]
-    moco.backbone_momentum.load_state_dict(state["backbone"])
-    moco.projector_momentum.load_state_dict(state["projector"])
+    moco.backbone_ema.load_state_dict(state["backbone"])
+    moco.projector_ema.load_state_dict(state["projector"])
     _, xk = _views(2, WORLD * B)
     idx = collectives[0]["moco"]["idx"]
     perm = torch.argsort(idx)
     with torch.no_grad():
-        encode = lambda x: F.normalize(moco.projector_momentum(moco.backbone_momentum(x)), dim=1)  # noqa: E731
+        encode = lambda x: F.normalize(moco.projector_ema(moco.backbone_ema(x)), dim=1)  # noqa: E731
         sub_batches = [xk[perm[r * B : (r + 1) * B]] for r in range(WORLD)]
         for r in range(WORLD):
             torch.testing.assert_close(collectives[r]["moco"]["shuffled"], sub_batches[r], rtol=0, atol=0)
@@ -198,7 +216,9 @@ def test_moco_shuffle_bn_keys_equal_single_process_keys_per_sub_batch(collective
         unshuffled = torch.cat([encode(xk[r * B : (r + 1) * B]) for r in range(WORLD)])
     got = torch.cat([c["moco"]["keys"] for c in collectives])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(got, unshuffled, atol=1e-4), "keys do not depend on the shuffle: BN statistics not shuffled"
+    assert not torch.allclose(got, unshuffled, atol=1e-4), (
+        "keys do not depend on the shuffle: BN statistics not shuffled"
+    )
 
 
 # ----------------------------------------------------------------------------- full DDP fits
@@ -212,8 +232,8 @@ class _Recorder(pl.Callback):
     @staticmethod
     def state(pl_module) -> dict:
         s = {"online": torch.cat([p.detach().flatten().clone() for p in pl_module.parameters() if p.requires_grad])}
-        if hasattr(pl_module, "momentum_pairs"):
-            s["target"] = _flat([t for _, t in pl_module.momentum_pairs()])
+        if hasattr(pl_module, "ema_pairs"):
+            s["target"] = _flat([t for _, t in pl_module.ema_pairs()])
         if hasattr(pl_module, "queue"):
             s["queue"], s["queue_ptr"] = pl_module.queue.clone(), pl_module.queue_ptr.clone()
         return s
@@ -234,7 +254,7 @@ FIT_STEPS, RESUME_STEPS = 3, 2
 def _fit_worker(rank: int, world: int, root: str) -> dict:
     """For each method: ``Trainer(strategy="ddp", accelerator="cpu", devices=world)`` fit, checkpoint,
     resume (all methods in one set of processes, to pay the process start-up once)."""
-    return {name: _fit_and_resume(name, world, str(Path(root) / name), FIT_STEPS, RESUME_STEPS) for name in FACTORIES}
+    return {name: _fit_and_resume(name, world, str(Path(root) / name), FIT_STEPS, RESUME_STEPS) for name in NAMES}
 
 
 def _fit_and_resume(name: str, world: int, root: str, steps: int, more_steps: int) -> dict:
@@ -242,19 +262,31 @@ def _fit_and_resume(name: str, world: int, root: str, steps: int, more_steps: in
     ckpt = Path(root) / "last.ckpt"
     for phase, max_steps in (("first", steps), ("resumed", steps + more_steps)):
         pl.seed_everything(0, verbose=False)
-        model, recorder = FACTORIES[name](), _Recorder()
-        trainer = pl.Trainer(
-            strategy="ddp", accelerator="cpu", devices=world, max_steps=max_steps, accumulate_grad_batches=2,
-            logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-            default_root_dir=root, callbacks=[recorder],
+        model, recorder = _registered(name), _Recorder()
+        trainer = quiet_trainer(
+            strategy="ddp",
+            devices=world,
+            max_steps=max_steps,
+            accumulate_grad_batches=2,
+            default_root_dir=root,
+            callbacks=[recorder],
         )
-        trainer.fit(model, datamodule=RandomTwoViewDataModule(batch_size=B), ckpt_path=ckpt if phase == "resumed" else None)
+        trainer.fit(
+            model,
+            datamodule=RandomTwoViewDataModule(batch_size=B, image_size=SIZE),
+            ckpt_path=ckpt if phase == "resumed" else None,
+        )
         if phase == "first":
             trainer.save_checkpoint(ckpt)
         results[phase] = {
-            "start": recorder.start, "end": _Recorder.state(model), "keys": recorder.keys,
-            "global_step": trainer.global_step, "world_size": trainer.world_size,
-            "global_batch": recorder.global_batch, "lr": recorder.lr, "base_lr": model.hparams.base_lr,
+            "start": recorder.start,
+            "end": _Recorder.state(model),
+            "keys": recorder.keys,
+            "global_step": trainer.global_step,
+            "world_size": trainer.world_size,
+            "global_batch": recorder.global_batch,
+            "lr": recorder.lr,
+            "base_lr": model.hparams.base_lr,
             "loss": float(trainer.callback_metrics["train/loss"]),
         }
     return results
@@ -274,7 +306,7 @@ def ddp_fits(tmp_path_factory) -> list[dict]:
     return run_distributed(_fit_worker, WORLD, str(tmp_path_factory.mktemp("ddp_fits")), init_group=False)
 
 
-@pytest.mark.parametrize("name", list(FACTORIES))
+@pytest.mark.parametrize("name", NAMES)
 def test_ddp_fit_checkpoint_resume(name, ddp_fits):
     """A 2-process DDP fit: lr scaled by the global batch (4 x 2 processes x 2 accumulation = 16);
     online and target networks and MoCo's queue identical on both ranks; the queue holds both
@@ -310,7 +342,12 @@ def test_launcher_trainer_flags_from_environment():
     torchrun = {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8"}
     assert launcher_trainer_flags(torchrun) == {"devices": 4, "num_nodes": 2}
     fabric = {**torchrun, "LT_ACCELERATOR": "cuda", "LT_PRECISION": "bf16-mixed"}
-    assert launcher_trainer_flags(fabric) == {"devices": 4, "num_nodes": 2, "accelerator": "cuda", "precision": "bf16-mixed"}
+    assert launcher_trainer_flags(fabric) == {
+        "devices": 4,
+        "num_nodes": 2,
+        "accelerator": "cuda",
+        "precision": "bf16-mixed",
+    }
     slurm = {"SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_JOB_NAME": "ssl"}
     assert launcher_trainer_flags(slurm) == {"devices": 4, "num_nodes": 2}
     assert launcher_trainer_flags({**slurm, "SLURM_JOB_NAME": "interactive"}) == {}
@@ -344,14 +381,45 @@ class LaunchReport(pl.Callback):
 def _two_node_command(launcher: str, node_rank: int, port: int, config: Path, script: Path) -> list[str]:
     if launcher == "torchrun":
         return [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-            "--node-rank", str(node_rank), "--master-addr", LOOPBACK, "--master-port", str(port),
-            "-m", "lightning_ssl", "fit", "--config", str(config),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--node-rank",
+            str(node_rank),
+            "--master-addr",
+            LOOPBACK,
+            "--master-port",
+            str(port),
+            "-m",
+            "lightning_ssl",
+            "fit",
+            "--config",
+            str(config),
         ]
     return [  # `fabric run` is `python -m lightning_fabric.cli` (the console script needs lightning-fabric)
-        sys.executable, "-m", "lightning_fabric.cli", "--accelerator", "cpu", "--devices", "1", "--num-nodes", "2",
-        "--node-rank", str(node_rank), "--main-address", LOOPBACK, "--main-port", str(port),
-        str(script), "fit", "--config", str(config),
+        sys.executable,
+        "-m",
+        "lightning_fabric.cli",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "1",
+        "--num-nodes",
+        "2",
+        "--node-rank",
+        str(node_rank),
+        "--main-address",
+        LOOPBACK,
+        "--main-port",
+        str(port),
+        str(script),
+        "fit",
+        "--config",
+        str(config),
     ]
 
 
@@ -366,7 +434,8 @@ def test_two_node_launch_over_loopback_runs_cli_fit(launcher, tmp_path):
     script = tmp_path / "lightning_ssl_main.py"
     script.write_text("from lightning_ssl.cli import main\n\nmain()\n")
     config = tmp_path / "tiny.yaml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         seed_everything: 0
         trainer:
           accelerator: cpu
@@ -393,16 +462,24 @@ def test_two_node_launch_over_loopback_runs_cli_fit(launcher, tmp_path):
           init_args:
             batch_size: 8
             image_size: 16
-    """))
+    """)
+    )
     env = {
-        **os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)]), "OMP_NUM_THREADS": "1",
-        "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": LOOPBACK,
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)]),
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "MASTER_ADDR": LOOPBACK,
     }
     port = free_port()
     procs = [
         subprocess.Popen(
-            _two_node_command(launcher, node, port, config, script), cwd=tmp_path, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            _two_node_command(launcher, node, port, config, script),
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for node in (0, 1)
     ]
@@ -419,5 +496,10 @@ def test_two_node_launch_over_loopback_runs_cli_fit(launcher, tmp_path):
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r, rep in enumerate(reports):
         assert rep == {
-            "global_rank": r, "world_size": 2, "num_nodes": 2, "node_rank": r, "global_step": 2, "global_batch": 16,
+            "global_rank": r,
+            "world_size": 2,
+            "num_nodes": 2,
+            "node_rank": r,
+            "global_step": 2,
+            "global_batch": 16,
         }

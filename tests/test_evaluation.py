@@ -1,18 +1,25 @@
 """Online probe, kNN, offline linear evaluation, fine-tuning subsets, and backbone export/import."""
+
 from __future__ import annotations
 
 import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision
+from helpers import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import OnlineLinearProbe
-from lightning_ssl import BYOL, MoCoV2, SimCLR, build_backbone
+from lightning_ssl import MoCoV2, SimCLR, build_backbone
+from lightning_ssl.callbacks import OnlineLinearProbe
 from lightning_ssl.cli import main as cli_main
 from lightning_ssl.evaluation import (
-    EncoderChangedError, FineTuning, LinearEvaluation, export_backbone, labelled_fraction_subset, load_encoder,
+    EncoderChangedError,
+    FineTuning,
+    LinearEvaluation,
+    export_backbone,
+    labeled_fraction_subset,
+    load_encoder,
     load_torchvision_model,
     weighted_knn_predict,
 )
@@ -30,7 +37,7 @@ def separable(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 class ToyMethod(pl.LightningModule):
     """A stand-in SSL method: a backbone with BN, a representation, and a training step that does
-    no optimisation of its own (returns None), so any change to the backbone would be the probe's."""
+    no optimization of its own (returns None), so any change to the backbone would be the probe's."""
 
     def __init__(self, seed: int = 0):
         super().__init__()
@@ -52,11 +59,11 @@ class ToyMethod(pl.LightningModule):
 
 
 class ToyData(pl.LightningDataModule):
-    def __init__(self, unlabelled_fraction: float = 0.25):
+    def __init__(self, unlabeled_fraction: float = 0.25):
         super().__init__()
         self.train_x, self.train_y = separable(64, seed=1)
         self.train_y_batches = self.train_y.clone()
-        self.train_y_batches[:: int(1 / unlabelled_fraction)] = -1  # some examples carry no label
+        self.train_y_batches[:: int(1 / unlabeled_fraction)] = -1  # some examples carry no label
         self.val_x, self.val_y = separable(32, seed=2)
 
     def train_dataloader(self):
@@ -64,16 +71,19 @@ class ToyData(pl.LightningDataModule):
             def __getitem__(self, i):
                 x, y = super().__getitem__(i)
                 return [x, x + 0.1], y
+
         return DataLoader(Views(self.train_x, self.train_y_batches), batch_size=32, shuffle=True)
 
-    def labelled_dataloader(self, split):
+    def labeled_dataloader(self, split):
         x, y = (self.train_x, self.train_y) if split == "train" else (self.val_x, self.val_y)
         return DataLoader(TensorDataset(x, y), batch_size=50)
 
 
 def _trainer(epochs, **kwargs):
-    return pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return quiet_trainer(
+        max_epochs=epochs,
+        **kwargs,
+    )
 
 
 def test_probe_learns_separable_features_and_never_touches_the_backbone(tmp_path):
@@ -119,15 +129,15 @@ def test_probe_resumes_from_checkpoint_through_the_trainer(tmp_path):
 
 
 def test_knn_tight_clusters_ties_and_large_k():
-    centres = torch.randn(5, 16)
+    centers = torch.randn(5, 16)
     train_y = torch.arange(5).repeat_interleave(10)
-    train_x = centres[train_y] + 1e-3 * torch.randn(50, 16)
+    train_x = centers[train_y] + 1e-3 * torch.randn(50, 16)
     test_y = torch.arange(5).repeat_interleave(4)
-    test_x = centres[test_y] + 1e-3 * torch.randn(20, 16)
+    test_x = centers[test_y] + 1e-3 * torch.randn(20, 16)
     assert torch.equal(weighted_knn_predict(train_x, train_y, test_x, 5, k=5), test_y)
     # k larger than the training set: all of it votes, no error; clusters still win
     assert torch.equal(weighted_knn_predict(train_x, train_y, test_x, 5, k=1000), test_y)
-    # an exact tie (one neighbour of each class at the same similarity): the smaller class index
+    # an exact tie (one neighbor of each class at the same similarity): the smaller class index
     tie_train = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     pred = weighted_knn_predict(tie_train, torch.tensor([3, 1]), torch.tensor([[1.0, 1.0]]), 4, k=2)
     assert pred.tolist() == [1]
@@ -172,15 +182,15 @@ def test_finetuning_trains_the_encoder_and_fraction_subsets(tiny_backbone):
     _trainer(1).fit(model, _linear_data())
     assert not torch.equal(encoder.module.net[0].weight, before)
     labels = torch.arange(10).repeat_interleave(100)
-    one = labelled_fraction_subset(labels, 0.01)
-    ten = labelled_fraction_subset(labels, 0.1)
+    one = labeled_fraction_subset(labels, 0.01)
+    ten = labeled_fraction_subset(labels, 0.1)
     assert len(one) == 10 and torch.equal(labels[one].bincount(), torch.ones(10, dtype=torch.long))
-    assert len(ten) == 100 and torch.equal(ten, labelled_fraction_subset(labels, 0.1))
+    assert len(ten) == 100 and torch.equal(ten, labeled_fraction_subset(labels, 0.1))
     with pytest.raises(ValueError, match="fraction"):
-        labelled_fraction_subset(labels, 10)
+        labeled_fraction_subset(labels, 10)
 
 
-def _randomise_bn(module: nn.Module) -> None:
+def _randomize_bn(module: nn.Module) -> None:
     gen = torch.Generator().manual_seed(0)
     for m in module.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -200,7 +210,7 @@ def test_export_import_round_trip_into_torchvision(tmp_path, method_cls, arch):
         for name, p in method.named_parameters():
             if not name.startswith("backbone."):
                 p.add_(0.01)
-    _randomise_bn(method.backbone)
+    _randomize_bn(method.backbone)
     ckpt = _checkpoint(method, tmp_path / "m.ckpt")
     out = tmp_path / f"{arch}.pt"
     cli_main(["export", str(ckpt), str(out)])
@@ -227,7 +237,7 @@ def test_export_import_round_trip_into_torchvision(tmp_path, method_cls, arch):
 
 def test_start_ssl_from_torchvision_weights_file(tmp_path):
     supervised = torchvision.models.resnet18()
-    _randomise_bn(supervised)
+    _randomize_bn(supervised)
     torch.save(supervised.state_dict(), tmp_path / "sup.pt")
     encoder, _ = build_backbone("resnet18", weights_path=tmp_path / "sup.pt")
     method = SimCLR(backbone=load_torchvision_model("resnet18", tmp_path / "sup.pt"))
@@ -260,11 +270,11 @@ def test_export_errors_are_clear(tmp_path):
 def _ddp_worker(rank_: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from callbacks.knn_monitor import _extract_sharded
+    from lightning_ssl.evaluation.knn import extract_features
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank_, world_size=world)
     try:
-        x, y = separable(8, seed=5)  # 32 examples; each process gets a different half, some unlabelled
+        x, y = separable(8, seed=5)  # 32 examples; each process gets a different half, some unlabeled
         y_batch = y.clone()
         y_batch[rank_::3] = -1
         half = slice(rank_ * 16, (rank_ + 1) * 16)
@@ -275,9 +285,11 @@ def _ddp_worker(rank_: int, world: int, init_file: str, out_dir: str) -> None:
             probe.train_step(model, x[half], y_batch[half])
         # kNN features: 7 examples over 2 processes (uneven shards), gathered in dataset order
         loader = DataLoader(TensorDataset(torch.arange(7.0).unsqueeze(1).repeat(1, 3), torch.arange(7)), batch_size=2)
-        feats, labels = _extract_sharded(lambda t: t * 2, loader, "cpu")
-        torch.save({"w": probe.probe.weight, "b": probe.probe.bias, "feats": feats, "labels": labels},
-                   f"{out_dir}/rank{rank_}.pt")
+        feats, labels = extract_features(lambda t: t * 2, loader, "cpu")
+        torch.save(
+            {"w": probe.probe.weight, "b": probe.probe.bias, "feats": feats, "labels": labels},
+            f"{out_dir}/rank{rank_}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -289,7 +301,7 @@ def test_probe_and_knn_features_under_ddp(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(r0["w"], r1["w"]) and torch.equal(r0["b"], r1["b"])  # one set of weights
-    # equal to one process holding both halves (the union of the labelled examples)
+    # equal to one process holding both halves (the union of the labeled examples)
     x, y = separable(8, seed=5)
     y_batch = y.clone()
     idx = torch.arange(32)

@@ -1,11 +1,11 @@
 """Weighted kNN and the monitor callback's report (pretrained vs random init)."""
-import pytest
-import pytorch_lightning as pl
-import torch
 
-from callbacks import KNNMonitor
-from helpers import RandomTwoViews
+import pytest
+import torch
+from helpers import RandomTwoViews, quiet_trainer
+
 from lightning_ssl import SimCLR
+from lightning_ssl.callbacks import KNNMonitor
 from lightning_ssl.evaluation.knn import few_labels_subset, weighted_knn_predict
 
 
@@ -42,8 +42,11 @@ def test_few_labels_subset_is_balanced_and_deterministic():
 def test_monitor_logs_and_reports(tmp_path, capsys):
     model = SimCLR(backbone="resnet18", projection_dim=8, warmup_epochs=0)
     monitor = KNNMonitor(every_n_epochs=1, k=5, labels_per_class=[2])
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor], default_root_dir=tmp_path)
+    trainer = quiet_trainer(
+        max_epochs=1,
+        callbacks=[monitor],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, RandomTwoViews(num_samples=16, batch_size=8))
     assert "val/knn_top1" in trainer.callback_metrics and "val/knn_top1_2_per_class" in trainer.callback_metrics
     assert set(monitor.results) == {"pretrained", "random_init"}
@@ -52,11 +55,14 @@ def test_monitor_logs_and_reports(tmp_path, capsys):
     assert model.training  # evaluation restored train mode
 
 
-def test_monitor_needs_labelled_dataloader(tmp_path):
+def test_monitor_needs_labeled_dataloader(tmp_path):
     class NoLabels(RandomTwoViews):
-        labelled_dataloader = None
+        labeled_dataloader = None
 
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[KNNMonitor(every_n_epochs=1)], default_root_dir=tmp_path)
-    with pytest.raises(TypeError, match="labelled_dataloader"):
+    trainer = quiet_trainer(
+        max_steps=1,
+        callbacks=[KNNMonitor(every_n_epochs=1)],
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(TypeError, match="labeled_dataloader"):
         trainer.fit(SimCLR(backbone="resnet18", warmup_epochs=0), NoLabels(num_samples=8, batch_size=8))

@@ -1,4 +1,5 @@
 """Losses against naive per-sample reference computations."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """LARS against a hand-written reference; weight-decay groups; schedules; lr scaling."""
+
 import math
 
 import pytest
@@ -12,8 +13,15 @@ def test_lars_matches_reference_update():
     torch.manual_seed(0)
     w = torch.randn(4, 3, requires_grad=True)
     b = torch.randn(4, requires_grad=True)
-    opt = LARS([{"params": [w], "weight_decay": 0.01, "lars_exclude": False},
-                {"params": [b], "weight_decay": 0.0, "lars_exclude": True}], lr=0.5, momentum=0.9, eta=0.001)
+    opt = LARS(
+        [
+            {"params": [w], "weight_decay": 0.01, "lars_exclude": False},
+            {"params": [b], "weight_decay": 0.0, "lars_exclude": True},
+        ],
+        lr=0.5,
+        momentum=0.9,
+        eta=0.001,
+    )
     w_ref, b_ref = w.detach().clone(), b.detach().clone()
     v_w, v_b = torch.zeros_like(w_ref), torch.zeros_like(b_ref)
     for _ in range(3):
@@ -44,7 +52,9 @@ def test_warmup_then_cosine_and_step_schedules():
     assert lr_lambda(10, 100, 10) == pytest.approx(1.0)
     assert lr_lambda(55, 100, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert lr_lambda(100, 100, 10) == pytest.approx(0.0)
-    assert [lr_lambda(s, 200, 0, "step") for s in (0, 119, 120, 159, 160, 199)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert [lr_lambda(s, 200, 0, "step") for s in (0, 119, 120, 159, 160, 199)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01]
+    )
     with pytest.raises(ValueError, match="unknown schedule"):
         lr_lambda(0, 10, 0, "poly")
 
@@ -55,13 +65,15 @@ def test_linear_scaling_rule():
 
 
 def test_method_lr_uses_global_batch_and_accumulation(tmp_path):
-    import pytorch_lightning as pl
+    from helpers import RandomTwoViews, quiet_trainer
 
-    from helpers import RandomTwoViews
     from lightning_ssl import SimCLR
 
     model = SimCLR(backbone="resnet18", base_lr=0.3, warmup_epochs=0, schedule="constant")
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2, default_root_dir=tmp_path)
+    trainer = quiet_trainer(
+        max_steps=1,
+        accumulate_grad_batches=2,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, RandomTwoViews(num_samples=16, batch_size=8))
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.3 * 16 / 256)

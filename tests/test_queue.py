@@ -1,8 +1,9 @@
 """MoCo's queue: FIFO order, pointer wrap-around, and the last K keys after training steps."""
+
 import pytorch_lightning as pl
 import torch
+from helpers import RandomTwoViews, quiet_trainer
 
-from helpers import RandomTwoViews
 from lightning_ssl import MoCo
 from lightning_ssl.queue import enqueue_
 
@@ -38,8 +39,11 @@ class KeyRecorder(pl.Callback):
 def test_queue_holds_the_last_k_keys_after_training(tmp_path, tiny_backbone):
     model = MoCo(tiny_backbone, projection_dim=8, queue_size=16, optimizer="sgd", lr=0.1)
     rec = KeyRecorder()
-    trainer = pl.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[rec], default_root_dir=tmp_path)
+    trainer = quiet_trainer(
+        max_steps=5,
+        callbacks=[rec],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, RandomTwoViews(num_samples=40, batch_size=4))
     keys = torch.cat(rec.keys)  # 20 keys in order; the queue holds the last 16 starting at the pointer
     assert int(model.queue_ptr) == 20 % 16

@@ -1,19 +1,16 @@
 """FCN-8s head, mIoU, and a short training run on a generated Cityscapes-layout tree."""
+
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-import pytorch_lightning as pl
 import torch
 import torchvision
+from helpers import quiet_trainer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.make_synthetic_cityscapes import make_synthetic_cityscapes  # noqa: E402
-from datamodules import CityscapesDataModule  # noqa: E402
-from lightning_ssl import SimCLR, build_backbone  # noqa: E402
-from lightning_ssl.evaluation import FCN8s, SegmentationModule, mean_iou  # noqa: E402
+from lightning_ssl import SimCLR, build_backbone
+from lightning_ssl.datamodules import CityscapesDataModule
+from lightning_ssl.datamodules.synthetic_cityscapes import make_synthetic_cityscapes
+from lightning_ssl.evaluation import FCN8s, SegmentationModule, mean_iou
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -59,12 +56,21 @@ def test_backbone_from_ssl_checkpoint_and_supervised_file(tmp_path):
 def test_training_on_generated_tree_improves_miou(tmp_path):
     torch.set_num_threads(2)
     root = make_synthetic_cityscapes(tmp_path / "cs", num_train=16, num_val=4, width=64, height=32)
-    dm = CityscapesDataModule(str(root), mode="segmentation", batch_size=8, num_workers=0, crop_size=32, base_size=32,
-                              scale_range=(0.75, 1.25))
+    dm = CityscapesDataModule(
+        str(root),
+        mode="segmentation",
+        batch_size=8,
+        num_workers=0,
+        crop_size=32,
+        base_size=32,
+        scale_range=(0.75, 1.25),
+    )
     model = SegmentationModule("resnet18", num_classes=19, lr=0.05)
-    trainer = pl.Trainer(max_epochs=8, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         inference_mode=False)  # validate() before fit() on one trainer
+    trainer = quiet_trainer(
+        max_epochs=8,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+    )  # validate() before fit() on one trainer
     before = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/miou"]
     trainer.fit(model, datamodule=dm)
     after = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/miou"]

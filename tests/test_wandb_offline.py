@@ -1,7 +1,8 @@
 """Weights & Biases logging works offline (no network): metrics land in the local run directory."""
-import pytorch_lightning as pl
 
-from helpers import RandomTwoViews
+import pytorch_lightning as pl
+from helpers import RandomTwoViews, quiet_trainer
+
 from lightning_ssl import BYOL
 
 
@@ -11,8 +12,12 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     logger = pl.loggers.WandbLogger(project="lightning-ssl-test", offline=True, save_dir=str(tmp_path))
     model = BYOL(backbone="resnet18", projection_hidden_dim=32, projection_dim=16, warmup_epochs=0)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=logger, log_every_n_steps=1, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = quiet_trainer(
+        max_steps=2,
+        logger=logger,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, RandomTwoViews(num_samples=16, batch_size=8))
     logger.experiment.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))

@@ -2,7 +2,7 @@
 
 ``export_backbone(ckpt, out)`` writes the encoder of any method's Lightning checkpoint as a plain
 torchvision ``state_dict``. Because an SSL encoder has no classifier, the file includes the
-classifier (``fc.weight``/``fc.bias`` for ResNets) of a freshly initialised torchvision model
+classifier (``fc.weight``/``fc.bias`` for ResNets) of a freshly initialized torchvision model
 (seeded, 1000 classes by default): the file then loads with ``strict=True`` into
 ``torchvision.models.<arch>()`` as is, and ``build_backbone(arch, weights_path=out)`` starts a new
 run (SSL or evaluation) from it. That classifier is random: replace or ignore it.
@@ -15,6 +15,7 @@ weights, to pass as a method's ``backbone`` (then export with ``--arch``).
 ``load_encoder(path)`` returns ``(encoder, feature_dim)`` from a method's checkpoint, an exported
 file, or any torchvision state_dict (e.g. supervised ImageNet weights saved locally).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,24 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_ssl.backbones import _CLASSIFIER_ATTRS, _small_image_stem, _strip_classifier, build_backbone
+from lightning_ssl.backbones import (
+    CLASSIFIER_ATTRS,
+    PooledBackbone,
+    batch_norm_to_layer_norm,
+    build_backbone,
+    small_image_stem,
+    strip_classifier,
+)
+from lightning_ssl.patches import PatchGridEncoder
 
 __all__ = [
-    "export_backbone", "encoder_state_dict", "load_encoder", "torchvision_model", "load_torchvision_model", "export_main",
+    "export_backbone",
+    "encoder_state_dict",
+    "encoder_spec",
+    "load_encoder",
+    "torchvision_model",
+    "load_torchvision_model",
+    "export_main",
 ]
 
 _PREFIX = "backbone.module."
@@ -49,7 +64,7 @@ def _is_lightning_checkpoint(obj) -> bool:
 
 def encoder_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
     """The online encoder's weights of a Lightning checkpoint, with torchvision key names."""
-    state = {k[len(_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(_PREFIX)}
+    state = {k[len(_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(_PREFIX)}
     if not state:
         raise ValueError(
             f"no '{_PREFIX}*' weights in the checkpoint: it was not written by an lightning_ssl method "
@@ -59,12 +74,12 @@ def encoder_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
 
 
 def torchvision_model(arch: str, small_image: bool = False, num_classes: int = 1000, seed: int = 0) -> nn.Module:
-    """A freshly initialised torchvision model (the small-image ResNet stem when asked)."""
+    """A freshly initialized torchvision model (the small-image ResNet stem when asked)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
         if small_image:
-            _small_image_stem(model)
+            small_image_stem(model)
     return model
 
 
@@ -77,8 +92,25 @@ def load_torchvision_model(arch: str, weights_path: str | Path) -> nn.Module:
     return model
 
 
-def _arch(hp: dict, arch: str | None, source) -> str:
-    name = hp.get("backbone")
+def encoder_spec(ckpt: dict) -> dict:
+    """How to rebuild a checkpoint's evaluation encoder (``SSLMethod.encoder_spec``), read from the
+    checkpoint or, for checkpoints of earlier releases, derived from its hyperparameters."""
+    if isinstance(ckpt.get("encoder_spec"), dict):
+        return ckpt["encoder_spec"]
+    hp = ckpt.get("hyper_parameters", {})
+    grid = None
+    if "patch_size" in hp:
+        grid = {"patch_size": hp["patch_size"], "patch_stride": hp["patch_stride"], "grid_size": hp.get("grid_size")}
+    return {
+        "backbone": hp.get("backbone") if isinstance(hp.get("backbone"), str) else None,
+        "small_image": bool(hp.get("small_image", False)),
+        "layer_norm": hp.get("encoder_norm") == "layer" and isinstance(hp.get("backbone"), str),
+        "patch_grid": grid,
+    }
+
+
+def _arch(spec: dict, arch: str | None, source) -> str:
+    name = spec.get("backbone")
     if isinstance(name, str):
         if arch is not None and arch != name:
             raise ValueError(f"{source} was trained with backbone {name!r}, not {arch!r}")
@@ -91,6 +123,12 @@ def _arch(hp: dict, arch: str | None, source) -> str:
     return arch
 
 
+def _spec_model(spec: dict, arch: str, num_classes: int = 1000, seed: int = 0) -> nn.Module:
+    """The torchvision model the checkpoint's backbone is, with its stem and norm layers."""
+    model = torchvision_model(arch, small_image=bool(spec.get("small_image")), num_classes=num_classes, seed=seed)
+    return batch_norm_to_layer_norm(model) if spec.get("layer_norm") else model
+
+
 def export_backbone(
     checkpoint: str | Path, out: str | Path, num_classes: int = 1000, seed: int = 0, arch: str | None = None
 ) -> Path:
@@ -99,15 +137,16 @@ def export_backbone(
     The file is checked by loading it with ``strict=True`` into the torchvision model before it is
     written. Encoders trained with ``small_image=True`` have the CIFAR stem (3x3 stride-1 ``conv1``,
     no max-pool): load them into a torchvision ResNet whose stem was changed the same way
-    (``torchvision_model(arch, small_image=True)``).
+    (``torchvision_model(arch, small_image=True)``); CPC v2's layer-norm encoders load into
+    ``batch_norm_to_layer_norm(torchvision_model(arch))``. CPC evaluates its encoder on a patch grid
+    (``PatchGridEncoder``); the file holds the backbone's weights only.
     """
     ckpt = _read_checkpoint(checkpoint)
-    hp = ckpt.get("hyper_parameters", {})
-    arch = _arch(hp, arch, checkpoint)
-    model = torchvision_model(arch, small_image=bool(hp.get("small_image", False)), num_classes=num_classes, seed=seed)
+    spec = encoder_spec(ckpt)
+    model = _spec_model(spec, _arch(spec, arch, checkpoint), num_classes, seed)
     state = encoder_state_dict(ckpt)
     full = model.state_dict()
-    classifier = {k: v for k, v in full.items() if k.split(".")[0] in _CLASSIFIER_ATTRS}
+    classifier = {k: v for k, v in full.items() if k.split(".")[0] in CLASSIFIER_ATTRS}
     clash = set(state) & set(classifier)
     if clash:
         raise ValueError(f"encoder unexpectedly holds classifier weights {sorted(clash)}")
@@ -119,22 +158,27 @@ def export_backbone(
     return out
 
 
-def load_encoder(
-    path: str | Path, arch: str | None = None, small_image: bool = False
-) -> tuple[nn.Module, int]:
-    """``(encoder, feature_dim)`` from a Lightning checkpoint of any method (its online encoder) or
-    from a torchvision state_dict file (exported, or supervised weights); ``arch`` names the
-    torchvision model for the latter (``resnet18``, ``resnet50``, ...) and for checkpoints of
-    methods built on an ``nn.Module`` backbone."""
+def load_encoder(path: str | Path, arch: str | None = None, small_image: bool = False) -> tuple[nn.Module, int]:
+    """``(encoder, feature_dim)`` from a Lightning checkpoint of any method or from a torchvision
+    state_dict file (exported, or supervised weights).
+
+    For a checkpoint, the encoder computes the method's evaluation features (``representation``): the
+    online backbone, or for CPC the backbone's features averaged over the patch grid. ``arch`` names
+    the torchvision model of a plain state_dict (``resnet18``, ``resnet50``, ...) and of checkpoints
+    of methods built on an ``nn.Module`` backbone."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder file {path} does not exist")
     obj = torch.load(path, map_location="cpu", weights_only=False)
     if _is_lightning_checkpoint(obj):
-        hp = obj["hyper_parameters"]
-        encoder, dim = build_backbone(_arch(hp, arch, path), small_image=bool(hp.get("small_image", False)))
-        encoder.module.load_state_dict(encoder_state_dict(obj), strict=True)
-        return encoder, dim
+        spec = encoder_spec(obj)
+        model = _spec_model(spec, _arch(spec, arch, path))
+        dim = strip_classifier(model)
+        model.load_state_dict(encoder_state_dict(obj), strict=True)
+        encoder: nn.Module = PooledBackbone(model)
+        if spec.get("patch_grid"):
+            encoder = PatchGridEncoder(encoder, **spec["patch_grid"])
+        return encoder, int(dim)
     if arch is None:
         raise ValueError(
             f"{path} is a plain state_dict, not a Lightning checkpoint: pass the torchvision architecture "
@@ -143,10 +187,10 @@ def load_encoder(
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     model = torchvision_model(arch, small_image=small_image)
-    dim = _strip_classifier(model)
+    dim = strip_classifier(model)
     # the classifier of the file (any number of classes) is not part of the encoder; every other
     # tensor must match the architecture exactly
-    state = {k: v for k, v in obj.items() if k.split(".")[0] not in _CLASSIFIER_ATTRS}
+    state = {k: v for k, v in obj.items() if k.split(".")[0] not in CLASSIFIER_ATTRS}
     model.load_state_dict(state, strict=True)
     return build_backbone(model, feature_dim=dim)
 
@@ -156,11 +200,13 @@ def export_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="lightning-ssl export",
         description="Write the encoder of a method's checkpoint as a torchvision state_dict "
-        "(loads with strict=True into torchvision.models.<arch>(); its classifier is freshly initialised).",
+        "(loads with strict=True into torchvision.models.<arch>(); its classifier is freshly initialized).",
     )
     parser.add_argument("checkpoint", help="Lightning .ckpt written by any lightning_ssl method")
     parser.add_argument("out", help="output file, e.g. resnet50_simclr.pt")
-    parser.add_argument("--arch", default=None, help="torchvision architecture, when the method was built on an nn.Module backbone")
+    parser.add_argument(
+        "--arch", default=None, help="torchvision architecture, when the method was built on an nn.Module backbone"
+    )
     parser.add_argument("--num-classes", type=int, default=1000, help="size of the (random) classifier in the file")
     args = parser.parse_args(argv)
     out = export_backbone(args.checkpoint, args.out, num_classes=args.num_classes, arch=args.arch)

@@ -3,9 +3,10 @@ and a linear head trained together on 1% or 10% of the labels.
 
 Same SGD protocol as ``LinearEvaluation`` (Nesterov momentum 0.9, cosine decay, no weight decay),
 with the encoder trainable and in train mode; ``encoder_lr`` gives it its own learning rate
-(default: the head's). ``labelled_fraction_subset`` picks a class-balanced subset of a dataset's
+(default: the head's). ``labeled_fraction_subset`` picks a class-balanced subset of a dataset's
 labels (SimCLR used fixed 1%/10% ImageNet lists; with ``seed`` fixed the subset is reproducible).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,10 +16,10 @@ from torch import nn
 
 from lightning_ssl.evaluation.linear import LinearEvaluation
 
-__all__ = ["FineTuning", "labelled_fraction_subset"]
+__all__ = ["FineTuning", "labeled_fraction_subset"]
 
 
-def labelled_fraction_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+def labeled_fraction_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
     """Sorted indices of ``round(fraction x n_c)`` examples (at least one) of each class ``c``."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must lie in (0, 1] (0.01 for 1%, 0.1 for 10%), got {fraction}")
@@ -42,17 +43,11 @@ class FineTuning(LinearEvaluation):
         self,
         encoder: str | Path | nn.Module,
         num_classes: int,
-        arch: str | None = None,
-        small_image: bool = False,
-        feature_dim: int | None = None,
         lr: float = 0.05,
         encoder_lr: float | None = None,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 0.0,
+        **kwargs,
     ):
-        super().__init__(encoder, num_classes, arch, small_image, feature_dim, lr, momentum, nesterov, weight_decay)
-        self.save_hyperparameters(ignore=["encoder"] if isinstance(encoder, nn.Module) else None)
+        super().__init__(encoder, num_classes, lr=lr, **kwargs)
         self.encoder.requires_grad_(True)
 
     def trainable_parameter_groups(self) -> list[dict]:

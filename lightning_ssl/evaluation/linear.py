@@ -8,6 +8,7 @@ the datamodule supplies). At the end of fit the encoder's parameters and buffers
 the copy taken at the start: any change raises ``EncoderChangedError``. Logs ``train/loss``,
 ``val/top1`` and ``val/top5`` (torchmetrics, reduced over processes).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_ssl.backbones import infer_feature_dim
 from lightning_ssl.evaluation.export import load_encoder
 
 __all__ = ["LinearEvaluation", "EncoderChangedError", "snapshot", "changed_tensors"]
@@ -80,7 +82,7 @@ class LinearEvaluation(pl.LightningModule):
         if isinstance(encoder, nn.Module):
             self.encoder = encoder
             if feature_dim is None:
-                feature_dim = _infer_dim(encoder)
+                feature_dim = infer_feature_dim(encoder, 32)
         else:
             self.encoder, dim = load_encoder(encoder, arch=arch, small_image=small_image)
             feature_dim = feature_dim or dim
@@ -126,8 +128,9 @@ class LinearEvaluation(pl.LightningModule):
         if changed:
             raise EncoderChangedError(
                 f"linear evaluation must not change the frozen encoder, but {len(changed)} tensor(s) changed: "
-                f"{changed[:10]}{' ...' if len(changed) > 10 else ''}. Something trained or re-normalised it "
-                "(an optimizer over all parameters, BN in train mode, or a callback): the accuracy is not a linear-evaluation result."
+                f"{changed[:10]}{' ...' if len(changed) > 10 else ''}. Something trained or re-normalized it "
+                "(an optimizer over all parameters, BN in train mode, or a callback): "
+                "the accuracy is not a linear-evaluation result."
             )
 
     # ----------------------------------------------------------------- steps
@@ -154,23 +157,12 @@ class LinearEvaluation(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.SGD(
-            self.trainable_parameter_groups(), lr=hp.lr, momentum=hp.momentum,
-            nesterov=hp.nesterov and hp.momentum > 0, weight_decay=hp.weight_decay,
+            self.trainable_parameter_groups(),
+            lr=hp.lr,
+            momentum=hp.momentum,
+            nesterov=hp.nesterov and hp.momentum > 0,
+            weight_decay=hp.weight_decay,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-@torch.no_grad()
-def _infer_dim(encoder: nn.Module, size: int = 32) -> int:
-    was = encoder.training
-    encoder.eval()
-    try:
-        param = next(encoder.parameters(), None)
-        out = encoder(torch.zeros(2, 3, size, size, device=param.device if param is not None else "cpu"))
-    finally:
-        encoder.train(was)
-    if out.ndim != 2:
-        raise ValueError(f"the encoder must return B x D features, got shape {tuple(out.shape)}; wrap it with PooledBackbone")
-    return int(out.shape[1])

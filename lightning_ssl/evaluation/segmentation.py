@@ -4,7 +4,7 @@ Networks for Semantic Segmentation").
 FCN-8s: 1x1 score layers on the stride-32, -16 and -8 features (ResNet ``layer4``, ``layer3``,
 ``layer2``); the stride-32 scores are upsampled x2 and added to the stride-16 scores, the sum is
 upsampled x2 and added to the stride-8 scores, and the result is upsampled x8 to the input size.
-Upsampling is bilinear (the paper initialises its deconvolutions to bilinear interpolation; the
+Upsampling is bilinear (the paper initializes its deconvolutions to bilinear interpolation; the
 final x8 one is kept fixed). The two skip score layers start at zero, as in the paper.
 
 ``SegmentationModule`` trains it with cross-entropy ignoring 255, SGD (momentum 0.9, weight decay
@@ -13,6 +13,7 @@ final x8 one is kept fixed). The two skip score layers start at zero, as in the 
 ground truth of the whole split excluded). The backbone starts from random weights, a supervised
 torchvision state_dict file (e.g. ImageNet weights saved locally), or any method's checkpoint.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,6 +27,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from lightning_ssl.backbones import PooledBackbone
 from lightning_ssl.evaluation.export import load_encoder
+from lightning_ssl.patches import PatchGridEncoder
 
 __all__ = ["FCN8s", "SegmentationModule", "build_segmentation_backbone", "mean_iou", "IGNORE_INDEX"]
 
@@ -33,18 +35,18 @@ IGNORE_INDEX = 255
 
 
 def _as_resnet(encoder: nn.Module) -> torchvision.models.ResNet:
-    model = encoder.module if isinstance(encoder, PooledBackbone) else encoder
+    model = encoder
+    while isinstance(model, (PooledBackbone, PatchGridEncoder)):  # the ResNet inside the evaluation wrappers
+        model = model.module if isinstance(model, PooledBackbone) else model.backbone
     needed = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
     if not all(hasattr(model, n) for n in needed):
-        raise TypeError(
-            f"FCN-8s needs a ResNet encoder (attributes {', '.join(needed)}), got {type(model).__name__}"
-        )
+        raise TypeError(f"FCN-8s needs a ResNet encoder (attributes {', '.join(needed)}), got {type(model).__name__}")
     return model
 
 
 def _out_channels(layer: nn.Module) -> int:
     last = layer[-1]
-    conv = getattr(last, "conv3", None) or getattr(last, "conv2")
+    conv = getattr(last, "conv3", None) or last.conv2
     return conv.out_channels
 
 

@@ -1,9 +1,27 @@
-"""One file per method; each is a LightningModule with its own ``training_step``."""
+"""One file per method; each is a LightningModule with its own ``training_step``.
+
+``REGISTRY`` lists every method by its short name. Adding a method (docs/adding_a_method.md): its
+file in this folder, its import and one ``REGISTRY`` line here, and its configs.
+"""
+
 from lightning_ssl.methods.base import SSLMethod
 from lightning_ssl.methods.byol import BYOL
 from lightning_ssl.methods.cpc import CPC, CPCv2
 from lightning_ssl.methods.moco import MoCo, MoCoV2
+from lightning_ssl.methods.registry import MethodEntry
 from lightning_ssl.methods.simclr import SimCLR
 
-__all__ = ["SSLMethod", "SimCLR", "MoCo", "MoCoV2", "BYOL"]
-__all__ += ["CPC", "CPCv2"]
+_HEAD = {"projection_dim": 16}
+_CPC_SMALL = {"patch_size": 4, "patch_stride": 2, "embedding_dim": 16, "context_hidden_dim": 16, "context_blocks": 2}
+_CPC_CIFAR = {"patch_size": 8, "patch_stride": 4, "grid_size": 7}
+
+REGISTRY: dict[str, MethodEntry] = {
+    "simclr": MethodEntry(SimCLR, small={**_HEAD, "projection_hidden_dim": 32}),
+    "moco": MethodEntry(MoCo, small={**_HEAD, "queue_size": 64}),
+    "mocov2": MethodEntry(MoCoV2, small={**_HEAD, "projection_hidden_dim": 32, "queue_size": 64}),
+    "byol": MethodEntry(BYOL, small={**_HEAD, "projection_hidden_dim": 32}),
+    "cpc": MethodEntry(CPC, small=_CPC_SMALL, cifar=_CPC_CIFAR),
+    "cpcv2": MethodEntry(CPCv2, small=_CPC_SMALL, cifar=_CPC_CIFAR),
+}
+
+__all__ = ["SSLMethod", "MethodEntry", "REGISTRY", *(entry.cls.__name__ for entry in REGISTRY.values())]

@@ -1,42 +1,78 @@
 """What every method shares: the backbone, the representation used for evaluation, and the
 optimizer with its warmup/cosine (or step) schedule, scaled by the global batch size.
 
-A method subclasses ``SSLMethod``, builds its heads, and writes its own ``training_step`` on batches
-``(views, target)`` where ``views`` is a list of image tensors (the target is ignored).
+A method subclasses ``SSLMethod``, declares its own arguments with the paper's defaults (and the
+shared ones whose paper default differs from the base's), passes the rest on with ``**kwargs``,
+builds its heads and writes its own ``training_step`` on batches ``(views, target)`` where ``views``
+is a list of image tensors (the target is ignored). ``lightning-ssl fit --model <Method> --help``
+lists every argument, its own and the shared ones, with its default.
 """
+
 from __future__ import annotations
 
-import inspect
+import io
+from pathlib import Path
+from typing import IO, Any
 
-import torch
 import pytorch_lightning as pl
+import torch
 from torch import nn
 
 from lightning_ssl.backbones import build_backbone, reset_parameters
-from lightning_ssl.optim import build_optimizer, lr_lambda, scaled_lr, split_weight_decay
+from lightning_ssl.contracts import HasEMATargets
+from lightning_ssl.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_lambda, scaled_lr, split_weight_decay
+from lightning_ssl.rng import capture_rng_states, restore_rng_states
 
 __all__ = ["SSLMethod"]
 
+# Names of earlier releases: EMA copies were `*_momentum` (MoCo) and `*_target` (BYOL); the EMA rate was
+# `momentum_tau` (MoCo) and `tau_base`/`tau_final` (BYOL); MoCo chose its head with `version`.
+_LEGACY_STATE_PREFIXES = {
+    "backbone_momentum.": "backbone_ema.",
+    "projector_momentum.": "projector_ema.",
+    "backbone_target.": "backbone_ema.",
+    "projector_target.": "projector_ema.",
+}
+_LEGACY_HPARAMS = {"momentum_tau": "ema_tau", "tau_base": "ema_tau", "tau_final": "ema_tau_final"}
+
+
+def _rename_legacy_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: checkpoints with the EMA copies' earlier names still load."""
+    for key in list(state_dict):
+        for old, new in _LEGACY_STATE_PREFIXES.items():
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
+
+
+def _migrate_hparams(hparams: dict) -> dict:
+    """Hyperparameters of an earlier release with today's names."""
+    hparams = {_LEGACY_HPARAMS.get(k, k): v for k, v in hparams.items()}
+    version = hparams.pop("version", None)
+    if version == 1:
+        hparams["projection_hidden_dim"] = None  # MoCo v1's linear head
+    return hparams
+
 
 class SSLMethod(pl.LightningModule):
-    """Base class of the methods. Subclasses pass their (typed, paper-default) arguments through.
+    """Base class of the methods: the arguments every method shares.
 
     Args:
-        backbone: torchvision model name or ``nn.Module`` (see ``build_backbone``).
+        backbone: torchvision model name or ``nn.Module`` (see ``build_backbone``). A module is not a
+            hyperparameter: pass it again to ``load_from_checkpoint``.
         small_image: CIFAR stem for 32x32 inputs.
         optimizer: ``lars``, ``sgd`` or ``adamw``.
         base_lr: learning rate for a global batch of 256; the peak lr is ``base_lr * B / 256`` with
             ``B = batch size x processes x gradient accumulation``.
         lr: the peak learning rate itself, overriding the scaling rule when given.
         weight_decay: applied to weights only; biases and norm parameters are excluded.
-        momentum: SGD/LARS momentum.
+        momentum: the optimizer's (SGD/LARS) momentum.
         warmup_epochs: linear warmup length (fractions allowed).
         schedule: ``cosine``, ``step`` (x0.1 at 60% and 80%) or ``constant``.
 
-    Fast-path options (none changes what is computed; see ``docs/speed.md``):
+    Fast-path options (none changes what is computed; see ``docs/performance.md``):
         channels_last: keep 4-d weights (hence conv activations) in NHWC memory format, applied in
             ``setup``; faster convolutions with tensor cores and oneDNN.
-        compile_backbone: ``torch.compile`` the backbone (and its momentum copy) in place, in ``setup``;
+        compile_backbone: ``torch.compile`` the backbone (and its EMA copy) in place, in ``setup``;
             the state_dict keys are unchanged.
         fused_optimizer: one fused kernel per parameter group for the optimizer step (``fused=True``
             for SGD/AdamW; LARS scales the gradients by the trust ratio with foreach ops, then takes a
@@ -46,58 +82,81 @@ class SSLMethod(pl.LightningModule):
 
     def __init__(
         self,
-        backbone: str | nn.Module,
-        small_image: bool,
-        optimizer: str,
-        base_lr: float,
-        lr: float | None,
-        weight_decay: float,
-        momentum: float,
-        warmup_epochs: float,
-        schedule: str,
+        backbone: str | nn.Module = "resnet50",
+        small_image: bool = False,
+        optimizer: str = "sgd",
+        base_lr: float = 0.1,
+        lr: float | None = None,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        warmup_epochs: float = 0.0,
+        schedule: str = "cosine",
         channels_last: bool = False,
         compile_backbone: bool = False,
         fused_optimizer: bool = False,
     ):
         super().__init__()
-        # Collects the arguments of the subclass's __init__ too. A module given as backbone is not a
-        # hyperparameter: pass it again to ``load_from_checkpoint``.
+        # Collects the arguments of every __init__ of the class chain (a thin variant passes its
+        # parents' arguments on through **kwargs), so ``type(self)(**hparams)`` rebuilds the model;
+        # under LightningCLI the config's values and ``_class_path`` are kept as they are.
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
-        # Keep exactly the most-derived class's arguments (so ``load_from_checkpoint`` can call it).
-        accepted = inspect.signature(type(self).__init__).parameters
-        for key in [k for k in self.hparams if k not in accepted]:
-            del self.hparams[key]
-        if optimizer not in ("lars", "sgd", "adamw"):
-            raise ValueError(f"optimizer must be 'lars', 'sgd' or 'adamw', got {optimizer!r}")
-        if schedule not in ("cosine", "step", "constant"):
-            raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
         self.backbone, self.feature_dim = build_backbone(backbone, small_image=small_image)
         self.small_image = small_image
         self.optim_config = dict(
-            optimizer=optimizer, base_lr=base_lr, lr=lr, weight_decay=weight_decay, momentum=momentum,
-            warmup_epochs=warmup_epochs, schedule=schedule, fused=fused_optimizer,
+            optimizer=optimizer,
+            base_lr=base_lr,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            warmup_epochs=warmup_epochs,
+            schedule=schedule,
+            fused=fused_optimizer,
         )
         self.channels_last, self.compile_backbone = channels_last, compile_backbone
         self._compiled = False
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | Path | IO,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ):
+        """``LightningModule.load_from_checkpoint``, with checkpoints of earlier releases migrated to
+        today's argument names."""
+        checkpoint = torch.load(checkpoint_path, map_location=map_location or "cpu", weights_only=False)
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict):
+            checkpoint["hyper_parameters"] = _migrate_hparams(hparams)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        buffer.seek(0)
+        return super().load_from_checkpoint(buffer, map_location, hparams_file, strict, **kwargs)
 
     # ------------------------------------------------------------------- fast path
     def setup(self, stage: str) -> None:
-        """Apply ``channels_last`` and ``compile_backbone`` once every submodule exists (targets included)."""
+        """Apply ``channels_last`` and ``compile_backbone`` once every submodule exists (EMA copies included)."""
         if self.channels_last:
             # Weights in NHWC make every convolution (and the BN/ReLU after it) run channels-last;
             # the first convolution converts the NCHW input itself.
             self.to(memory_format=torch.channels_last)
         if self.compile_backbone and not self._compiled:
-            for module in self._backbone_modules():
+            for module in self.backbone_modules():
                 module.compile()  # in place: parameter names (checkpoint keys) do not change
             self._compiled = True
 
-    def _backbone_modules(self) -> list[nn.Module]:
-        """The backbone and the momentum copies paired with it (``momentum_pairs``), if any."""
+    def backbone_modules(self) -> list[nn.Module]:
+        """The backbone and its EMA copy (from ``ema_pairs``), if the method has one."""
         modules = [self.backbone]
-        pairs = getattr(self, "momentum_pairs", None)
-        if callable(pairs):
-            modules += [target for online, target in pairs() if online is self.backbone]
+        if isinstance(self, HasEMATargets):
+            modules += [target for online, target in self.ema_pairs() if online is self.backbone]
         return modules
 
     # ----------------------------------------------------------------- representation
@@ -109,8 +168,31 @@ class SSLMethod(pl.LightningModule):
         """Features of ``images`` from this method's backbone, or from ``backbone`` of the same architecture."""
         return (self.backbone if backbone is None else backbone)(images)
 
+    def encoder_spec(self) -> dict:
+        """How ``lightning_ssl.evaluation.load_encoder`` rebuilds this method's evaluation encoder from a
+        checkpoint (``on_save_checkpoint`` stores it): the torchvision backbone name (``None`` for a
+        module), its stem, layer norm in place of batch norm, and CPC's patch grid."""
+        name = self.hparams.get("backbone")
+        return {
+            "backbone": name if isinstance(name, str) else None,
+            "small_image": self.small_image,
+            "layer_norm": False,
+            "patch_grid": None,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["encoder_spec"] = self.encoder_spec()
+        checkpoint["rng_states"] = capture_rng_states()  # every process's (a collective under DDP)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Restored before the training loop draws anything, so the resumed run continues the
+        # uninterrupted run's random streams (MoCo's shuffle, CPC's patch crops, device augmentation).
+        # Only when a fit resumes: loading weights (load_from_checkpoint) leaves the generators alone.
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            restore_rng_states(checkpoint.get("rng_states", []))
+
     def random_init_backbone(self, seed: int = 0) -> nn.Module:
-        """A freshly initialised backbone of the same architecture (the random-init baseline)."""
+        """A freshly initialized backbone of the same architecture (the random-init baseline)."""
         name = self.hparams.get("backbone")
         if isinstance(name, str):
             with torch.random.fork_rng(devices=[]):

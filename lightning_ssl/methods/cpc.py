@@ -1,31 +1,20 @@
 """Contrastive Predictive Coding for images: CPC v1 (Oord et al. 2018, "Representation Learning with
 Contrastive Predictive Coding", sec. 3.3) and CPC v2 (Henaff et al. 2019, "Data-Efficient Image
 Recognition with Contrastive Predictive Coding")."""
+
 from __future__ import annotations
 
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_ssl.backbones import batch_norm_to_layer_norm
 from lightning_ssl.context import ContextNetwork
 from lightning_ssl.losses import cpc_info_nce
 from lightning_ssl.methods.base import SSLMethod
-from lightning_ssl.patches import augment_patches, extract_patches
+from lightning_ssl.patches import PatchGridEncoder, augment_patches, encode_patches, extract_patches
 
-__all__ = ["CPC", "CPCv2", "batch_norm_to_layer_norm"]
-
-
-def batch_norm_to_layer_norm(module: nn.Module) -> nn.Module:
-    """Replace every ``BatchNorm2d`` of ``module`` (in place) by ``GroupNorm(1, C)``, i.e. layer norm
-    over C, H, W of each sample, as CPC v2 does in its encoder. Returns ``module``."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            norm = nn.GroupNorm(1, child.num_features, eps=child.eps, affine=child.affine)
-            ref = next(iter([*child.parameters(), *child.buffers()]), None)
-            setattr(module, name, norm if ref is None else norm.to(ref.device))
-        else:
-            batch_norm_to_layer_norm(child)
-    return module
+__all__ = ["CPC", "CPCv2"]
 
 
 class CPC(SSLMethod):
@@ -40,7 +29,7 @@ class CPC(SSLMethod):
     ``z_{i+k, j}`` for k in ``first_step .. prediction_steps`` (paper: up to 5 rows below) against
     every other patch of the batch as negatives (``cpc_info_nce``).
 
-    Optimisation: the papers use Adam; defaults here are AdamW with lr 2e-4 for a global batch of
+    Optimization: the papers use Adam; defaults here are AdamW with lr 2e-4 for a global batch of
     256 (``base_lr``, scaled linearly; pass ``lr`` to fix it), no weight decay, constant schedule.
 
     Evaluation features (``representation``) are the frozen backbone's patch features averaged over
@@ -64,7 +53,6 @@ class CPC(SSLMethod):
     def __init__(
         self,
         backbone: str | nn.Module = "resnet50",
-        small_image: bool = False,
         patch_size: int = 64,
         patch_stride: int = 32,
         grid_size: int | None = None,
@@ -83,24 +71,16 @@ class CPC(SSLMethod):
         gather_distributed: bool = True,
         optimizer: str = "adamw",
         base_lr: float = 2e-4,
-        lr: float | None = None,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
-        warmup_epochs: float = 0,
         schedule: str = "constant",
-        channels_last: bool = False,
-        compile_backbone: bool = False,
-        fused_optimizer: bool = False,
+        **kwargs,
     ):
-        super().__init__(
-            backbone, small_image, optimizer, base_lr, lr, weight_decay, momentum, warmup_epochs, schedule,
-            channels_last=channels_last, compile_backbone=compile_backbone, fused_optimizer=fused_optimizer,
-        )
+        super().__init__(backbone, optimizer=optimizer, base_lr=base_lr, schedule=schedule, **kwargs)
         if encoder_norm not in ("batch", "layer"):
             raise ValueError(f"encoder_norm must be 'batch' or 'layer', got {encoder_norm!r}")
         if not 1 <= first_step <= prediction_steps:
             raise ValueError(
-                f"need 1 <= first_step <= prediction_steps, got first_step={first_step}, prediction_steps={prediction_steps}"
+                f"need 1 <= first_step <= prediction_steps, got first_step={first_step}, "
+                f"prediction_steps={prediction_steps}"
             )
         if grid_size is not None and grid_size <= prediction_steps:
             raise ValueError(
@@ -137,17 +117,20 @@ class CPC(SSLMethod):
         """``B x rows x cols x C x P x P`` patch grid of ``images``."""
         return extract_patches(images, self.patch_size, self.patch_stride, self.grid_size)
 
-    @staticmethod
-    def encode_patches(patches: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
-        """Backbone features of every patch: ``B x rows x cols x C x P x P`` to ``B x rows x cols x F``."""
-        b, rows, cols = patches.shape[:3]
-        features = backbone(patches.reshape(b * rows * cols, *patches.shape[3:]))
-        return features.view(b, rows, cols, -1)
-
     def representation(self, images: torch.Tensor, backbone: nn.Module | None = None) -> torch.Tensor:
         """Backbone features of the patch grid averaged over the grid: ``B x feature_dim``."""
         backbone = self.backbone if backbone is None else backbone
-        return self.encode_patches(self.patches(images), backbone).mean(dim=(1, 2))
+        return PatchGridEncoder(backbone, self.patch_size, self.patch_stride, self.grid_size)(images)
+
+    def encoder_spec(self) -> dict:
+        spec = super().encoder_spec()
+        spec["layer_norm"] = self.encoder_norm == "layer" and isinstance(self.hparams.get("backbone"), str)
+        spec["patch_grid"] = {
+            "patch_size": self.patch_size,
+            "patch_stride": self.patch_stride,
+            "grid_size": self.grid_size,
+        }
+        return spec
 
     def random_init_backbone(self, seed: int = 0) -> nn.Module:
         module = super().random_init_backbone(seed)
@@ -174,7 +157,7 @@ class CPC(SSLMethod):
             flat = patches.reshape(b * rows * cols, *patches.shape[3:])
             flat = augment_patches(flat, self.patch_crop_fraction, self.flip_prob, self.color_drop_prob)
             patches = flat.view(patches.shape)
-        z = self.projector(self.encode_patches(patches, self.backbone)).permute(0, 3, 1, 2)  # B x D x rows x cols
+        z = self.projector(encode_patches(patches, self.backbone)).permute(0, 3, 1, 2)  # B x D x rows x cols
         out = {"top_down": self._direction_loss(z, self.context, self.predictor)}
         out["loss"] = out["top_down"]
         if self.bidirectional:
@@ -195,46 +178,18 @@ class CPC(SSLMethod):
 
 class CPCv2(CPC):
     """CPC v2 (Henaff et al. 2019): CPC with layer norm instead of batch norm in the encoder,
-    per-patch augmentation (random crops inside each patch, flips, colour dropping) and predictions
-    both top-down and bottom-up (the loss is their mean). Same arguments as ``CPC``; only the
-    v2 defaults differ (``bidirectional=True``, ``encoder_norm="layer"``, ``patch_augment=True``).
+    per-patch augmentation (random crops inside each patch, flips, color dropping) and predictions
+    both top-down and bottom-up (the loss is their mean). Every other argument and default is ``CPC``'s.
     """
 
     def __init__(
         self,
         backbone: str | nn.Module = "resnet50",
-        small_image: bool = False,
-        patch_size: int = 64,
-        patch_stride: int = 32,
-        grid_size: int | None = None,
-        embedding_dim: int | None = 1024,
-        context_hidden_dim: int = 256,
-        context_blocks: int = 5,
-        context_kernel_size: int = 3,
-        prediction_steps: int = 5,
-        first_step: int = 1,
         bidirectional: bool = True,
         encoder_norm: str = "layer",
         patch_augment: bool = True,
-        patch_crop_fraction: float = 0.875,
-        flip_prob: float = 0.5,
-        color_drop_prob: float = 0.5,
-        gather_distributed: bool = True,
-        optimizer: str = "adamw",
-        base_lr: float = 2e-4,
-        lr: float | None = None,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
-        warmup_epochs: float = 0,
-        schedule: str = "constant",
-        channels_last: bool = False,
-        compile_backbone: bool = False,
-        fused_optimizer: bool = False,
+        **kwargs,
     ):
         super().__init__(
-            backbone, small_image, patch_size, patch_stride, grid_size, embedding_dim, context_hidden_dim,
-            context_blocks, context_kernel_size, prediction_steps, first_step, bidirectional, encoder_norm,
-            patch_augment, patch_crop_fraction, flip_prob, color_drop_prob, gather_distributed, optimizer,
-            base_lr, lr, weight_decay, momentum, warmup_epochs, schedule, channels_last, compile_backbone,
-            fused_optimizer,
+            backbone, bidirectional=bidirectional, encoder_norm=encoder_norm, patch_augment=patch_augment, **kwargs
         )

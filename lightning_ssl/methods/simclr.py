@@ -1,4 +1,5 @@
 """SimCLR (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations")."""
+
 from __future__ import annotations
 
 import torch
@@ -17,30 +18,34 @@ class SimCLR(SSLMethod):
     Paper defaults: projection MLP ``[D, D, 128]`` with BN, temperature 0.5 (CIFAR-10; configs for
     ImageNet use 0.1), LARS with lr = 0.3 x batch / 256, 10 warmup epochs then cosine decay, weight
     decay 1e-6 on weights only. In a distributed run the negatives come from every process.
+
+    Args (the shared ones are ``SSLMethod``'s):
+        projection_hidden_dim: hidden width of the projection MLP (``None``: the backbone's width).
+        projection_dim: output width of the projection.
+        temperature: tau of NT-Xent (eq. 1).
+        gather_distributed: take negatives from every process.
     """
 
     def __init__(
         self,
         backbone: str | nn.Module = "resnet50",
-        small_image: bool = False,
         projection_hidden_dim: int | None = None,
         projection_dim: int = 128,
         temperature: float = 0.5,
         gather_distributed: bool = True,
         optimizer: str = "lars",
         base_lr: float = 0.3,
-        lr: float | None = None,
         weight_decay: float = 1e-6,
-        momentum: float = 0.9,
         warmup_epochs: float = 10,
-        schedule: str = "cosine",
-        channels_last: bool = False,
-        compile_backbone: bool = False,
-        fused_optimizer: bool = False,
+        **kwargs,
     ):
         super().__init__(
-            backbone, small_image, optimizer, base_lr, lr, weight_decay, momentum, warmup_epochs, schedule,
-            channels_last=channels_last, compile_backbone=compile_backbone, fused_optimizer=fused_optimizer,
+            backbone,
+            optimizer=optimizer,
+            base_lr=base_lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            **kwargs,
         )
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")

@@ -1,9 +1,11 @@
-"""Momentum (EMA) target networks, as in MoCo (He et al. 2020) and BYOL (Grill et al. 2020).
+"""Exponential-moving-average (EMA) copies of networks: MoCo's key encoder (He et al. 2020, eq. 2)
+and BYOL's target network (Grill et al. 2020, sec. 3.1).
 
-``target = tau * target + (1 - tau) * online`` for every parameter. BYOL's schedule is
-``tau_k = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2`` over the K optimizer steps of training;
-MoCo keeps tau constant (tau_base = tau_final = 0.999).
+``target = tau * target + (1 - tau) * online`` for every parameter after each optimizer step. BYOL's
+schedule is ``tau_k = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2`` over the K optimizer steps of
+training; MoCo keeps tau constant (0.999).
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["cosine_tau", "ema_update_", "make_target"]
+__all__ = ["cosine_tau", "ema_update_", "ema_copy"]
 
 
 def cosine_tau(step: int, total_steps: int, tau_base: float, tau_final: float = 1.0) -> float:
@@ -33,15 +35,15 @@ def ema_update_(pairs: Iterable[tuple[nn.Module, nn.Module]], tau: float) -> Non
         online_params = list(online.parameters())
         target_params = list(target.parameters())
         if len(online_params) != len(target_params):
-            raise ValueError("momentum pair has different architectures: online and target parameter counts differ")
+            raise ValueError("EMA pair has different architectures: online and target parameter counts differ")
         onlines.extend(online_params)
         targets.extend(target_params)
     if targets:
         torch._foreach_lerp_(targets, [p.detach() for p in onlines], 1.0 - tau)
 
 
-def make_target(online: nn.Module) -> nn.Module:
-    """A frozen deep copy of ``online`` (no gradients), the initial target network."""
+def ema_copy(online: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``online`` (no gradients): the EMA target at step 0."""
     target = copy.deepcopy(online)
     for p in target.parameters():
         p.requires_grad_(False)
