@@ -25,6 +25,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from lightning_ssl.datamodules.augmentations import preset, tensor_view_transform
+from lightning_ssl.datamodules.resumable import ResumableDataLoader
 from lightning_ssl.datamodules.two_views import MultiViewDataset
 
 __all__ = [
@@ -303,6 +304,14 @@ class CityscapesDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.mode == "ssl":  # resumable mid-epoch; views depend on the sample only
+            return ResumableDataLoader(
+                self.train_dataset(),
+                batch_size=self.batch_size,
+                drop_last=self.drop_last,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
         return self._loader(self.train_dataset(), train=True)
 
     def val_dataloader(self) -> DataLoader:

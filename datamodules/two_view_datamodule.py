@@ -32,7 +32,8 @@ from lightning_ssl.datamodules.augmentations import (
     tensor_view_transform,
 )
 from lightning_ssl.datamodules.gpu_augment import GPUAugment
-from lightning_ssl.datamodules.two_views import MultiViewDataset, TensorImageDataset
+from lightning_ssl.datamodules.resumable import ResumableDataLoader
+from lightning_ssl.datamodules.two_views import MultiViewDataset, TensorImageDataset, split_key
 
 __all__ = ["TwoViewDataModule", "FixedSizeUint8", "TransformedDataset", "Uint8ViewsDataset", "UINT8_KEY"]
 
@@ -90,18 +91,21 @@ class Uint8ViewsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, seed = split_key(key)
         image, label = self.dataset[index]
         pixels, size = self.to_uint8(image)
-        return {UINT8_KEY: pixels, "sizes": size, "target": label}
+        return {UINT8_KEY: pixels, "sizes": size, "target": label, "seed": -1 if seed is None else seed}
 
-    def __getitems__(self, indices: list[int]):
+    def __getitems__(self, keys: list):
         if not self.batched:
-            return [self[i] for i in indices]
+            return [self[key] for key in keys]
+        indices, seeds = zip(*(split_key(key) for key in keys))
         idx = torch.as_tensor(indices, device=self.dataset.images.device)
         images = self.dataset.images[idx]
         sizes = torch.tensor(images.shape[-2:], device=images.device).expand(len(indices), 2)
-        return [{UINT8_KEY: images, "sizes": sizes, "target": self.dataset.labels[idx]}]
+        seeds = torch.tensor([-1 if s is None else s for s in seeds])
+        return [{UINT8_KEY: images, "sizes": sizes, "target": self.dataset.labels[idx], "seed": seeds}]
 
 
 def _collate_uint8(samples: list[dict]):
@@ -129,6 +133,7 @@ class TwoViewDataModule(pl.LightningDataModule):
         eval_batch_size: batch size of the labeled loaders.
         mean, std: normalization of every view and of the evaluation images.
         pin_memory: default: when CUDA is available.
+        predict_split: the split ``lightning-ssl predict`` embeds.
     """
 
     tensor_images = False  # True: _base_dataset yields uint8 tensors instead of PIL images
@@ -150,14 +155,23 @@ class TwoViewDataModule(pl.LightningDataModule):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         pin_memory: bool | None = None,
+        predict_split: str = "val",
     ):
         super().__init__()
+        # every constructor argument of the class chain, for the run config (RunSummary logs them as data/...;
+        # not merged by Lightning, which would refuse keys that the method shares, such as small_image)
+        self.save_hyperparameters(logger=False)
+        for key in [k for k, v in self.hparams.items() if isinstance(v, torch.Tensor)]:
+            del self.hparams[key]
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.batch_size, self.num_workers, self.drop_last = batch_size, num_workers, drop_last
         self.eval_batch_size = eval_batch_size
+        if predict_split not in ("train", "val"):
+            raise ValueError(f"predict_split must be 'train' or 'val', got {predict_split!r}")
+        self.predict_split = predict_split
         self.views: list[ViewConfig] = preset(augmentation, image_size, strength, small_image, mean, std)
         self.gpu_augment = gpu_augment
         # default: the views' size x 8/7 (256 for 224-pixel views), as the evaluation resize
@@ -167,6 +181,7 @@ class TwoViewDataModule(pl.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.augmenter = GPUAugment(self.views) if gpu_augment else None
         self._augment_generator: torch.Generator | None = None
+        self._batch_seed = -1
 
     # ---------------------------------------------------------------- to implement
     def _base_dataset(self, split: str) -> Dataset:
@@ -203,12 +218,28 @@ class TwoViewDataModule(pl.LightningDataModule):
         return MultiViewDataset(base, self.view_transforms())
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled multi-view batches from a ``ResumableDataLoader``: checkpoints hold the position in the
+        epoch, and each sample's views depend on the seed, the epoch and the sample only."""
         dataset = self.pretrain_dataset()
-        collate = _collate_uint8 if isinstance(dataset, Uint8ViewsDataset) else None
-        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=self.drop_last, collate_fn=collate)
+        return ResumableDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=_collate_uint8 if isinstance(dataset, Uint8ViewsDataset) else None,
+        )
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, dict) and UINT8_KEY in batch:
+            self._batch_seed = int(batch.pop("seed")[0])  # on the host: no device synchronization
+        return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Makes the views on the device when the loader shipped uint8 images."""
+        """Makes the views on the device when the loader shipped uint8 images, with a generator seeded
+        from the batch's first sample (so views depend on the samples only, as on the CPU path)."""
         if isinstance(batch, dict) and UINT8_KEY in batch:
             images = batch[UINT8_KEY]
             augmenter = self.augmenter or GPUAugment(self.views)
@@ -217,13 +248,25 @@ class TwoViewDataModule(pl.LightningDataModule):
         return batch
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        """A generator per device and process, seeded from the global seed and the process rank, so that
-        processes with the same seed do not draw the same augmentation parameters."""
+        """The on-device augmentation generator, seeded for this batch (a fresh seed per call outside a
+        ``ResumableDataLoader``)."""
         if self._augment_generator is None or self._augment_generator.device != device:
-            rank = int(getattr(self.trainer, "global_rank", 0) or 0) if self.trainer is not None else 0
             self._augment_generator = torch.Generator(device=device)
-            self._augment_generator.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
+        seed = self._batch_seed if self._batch_seed >= 0 else int(torch.randint(2**62, ()).item())
+        self._augment_generator.manual_seed(seed)
+        self._batch_seed = -1
         return self._augment_generator
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The labeled validation split for ``validate`` (kNN top-1); none while fitting (``KNNMonitor``
+        evaluates there, when configured)."""
+        if self.trainer is not None and self.trainer.state.fn == "validate":
+            return self.labeled_dataloader("val")
+        return []
+
+    def predict_dataloader(self) -> DataLoader:
+        """The labeled ``predict_split`` ("val" unless changed) for ``predict``: embeddings and labels."""
+        return self.labeled_dataloader(self.predict_split)
 
     def labeled_dataloader(self, split: str, augment: bool = False) -> DataLoader:
         """Un-augmented ``(images, labels)`` of ``split`` ("train" or "val"), for kNN and linear probes.

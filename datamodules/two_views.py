@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["MultiViewDataset", "TensorImageDataset"]
+__all__ = ["MultiViewDataset", "TensorImageDataset", "split_key"]
 
 
 class TensorImageDataset(Dataset):
@@ -32,8 +32,17 @@ class TensorImageDataset(Dataset):
         return image, int(self.labels[index])
 
 
+def split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
+    """``index`` or ``(index, seed)`` (a ``ResumableSampler`` key) -> ``(index, seed or None)``."""
+    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), None)
+
+
 class MultiViewDataset(Dataset):
-    """Wraps a dataset of ``(image, label)`` (untransformed) and returns ``([t1(image), t2(image), ...], label)``."""
+    """Wraps a dataset of ``(image, label)`` (untransformed) and returns ``([t1(image), t2(image), ...], label)``.
+
+    Indexed with an ``(index, seed)`` key (``ResumableSampler``), the views are drawn from torch's CPU
+    generator seeded with ``seed`` (its state is restored afterwards), so they depend on the sample
+    alone: not on the worker, the number of workers, or an interruption."""
 
     def __init__(self, dataset: Dataset, transforms: Sequence[Callable]):
         if len(transforms) < 2:
@@ -43,6 +52,15 @@ class MultiViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, seed = split_key(key)
         image, label = self.dataset[index]
-        return [t(image) for t in self.transforms], label
+        if seed is None:
+            return [t(image) for t in self.transforms], label
+        generator = torch.random.default_generator  # the CPU generator only: CUDA's are left alone
+        state = generator.get_state()
+        try:
+            generator.manual_seed(seed)
+            return [t(image) for t in self.transforms], label
+        finally:
+            generator.set_state(state)

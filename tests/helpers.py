@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from lightning_ssl.callbacks import PreemptionCheckpoint
 
 
 class _RandomViews(Dataset):
@@ -80,3 +84,20 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
         enable_model_summary=False,
     )
     return pl.Trainer(**{**defaults, **kwargs})
+
+
+class PauseAt(pl.Callback):
+    """Blocks after optimizer step ``step`` (writing ``marker`` first) until a stop signal arrives or
+    ``timeout`` seconds pass: lets a test kill or signal a real training process at a known step."""
+
+    def __init__(self, step: int, marker: str, timeout: float = 120.0):
+        self.step, self.marker, self.timeout = step, marker, timeout
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self.step:
+            return
+        Path(self.marker).write_text(str(trainer.global_step))
+        preemption = [c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)]
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline and not any(c.received for c in preemption):
+            time.sleep(0.05)

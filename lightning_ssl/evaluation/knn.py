@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
 from lightning_ssl.distributed import gather_no_grad, rank, world_size
 
@@ -52,9 +53,14 @@ def weighted_knn_predict(
 
 @torch.no_grad()
 def _encode_all(
-    encode: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: torch.device | str
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable,
+    device: torch.device | str,
+    desc: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = [], []
+    if desc is not None:  # a progress bar, on the first process only
+        loader = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=rank() != 0)
     for images, target in loader:
         feats.append(encode(images.to(device)).float().cpu())
         labels.append(torch.as_tensor(target).cpu())
@@ -63,7 +69,10 @@ def _encode_all(
 
 @torch.no_grad()
 def extract_features(
-    encode: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: torch.device | str = "cpu"
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable,
+    device: torch.device | str = "cpu",
+    desc: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``encode`` over ``(images, labels)`` batches; return all features and labels (on CPU), in
     dataset order.
@@ -74,11 +83,11 @@ def extract_features(
     world = world_size()
     dataset = getattr(loader, "dataset", None)
     if world == 1 or not isinstance(loader, DataLoader) or dataset is None or len(dataset) < world:
-        return _encode_all(encode, loader, device)
+        return _encode_all(encode, loader, device, desc)
     n = len(dataset)
     mine = torch.arange(rank(), n, world)
     shard = DataLoader(Subset(dataset, mine.tolist()), batch_size=loader.batch_size or 256, shuffle=False)
-    feats, labels = _encode_all(encode, shard, device)
+    feats, labels = _encode_all(encode, shard, device, desc)
     per_rank = -(-n // world)  # all_gather needs equal sizes: pad, and mark the padding with index -1
     pad = per_rank - len(mine)
     index = torch.cat([mine, torch.full((pad,), -1)]).to(device)

@@ -10,20 +10,32 @@ lists every argument, its own and the shared ones, with its default.
 
 from __future__ import annotations
 
+import importlib
 import io
+import math
 from pathlib import Path
 from typing import IO, Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 from torch import nn
 
 from lightning_ssl.backbones import build_backbone, reset_parameters
-from lightning_ssl.contracts import HasEMATargets
+from lightning_ssl.callbacks import (
+    DivergenceGuard,
+    EmbeddingWriter,
+    PreemptionCheckpoint,
+    RunSummary,
+    SSLProgressBar,
+    ViewGridLogger,
+)
+from lightning_ssl.contracts import HasEMATargets, LabeledDataModule, require
+from lightning_ssl.evaluation.knn import extract_features, knn_accuracy
 from lightning_ssl.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_lambda, scaled_lr, split_weight_decay
 from lightning_ssl.rng import capture_rng_states, restore_rng_states
 
-__all__ = ["SSLMethod"]
+__all__ = ["SSLMethod", "checkpoint_method"]
 
 # Names of earlier releases: EMA copies were `*_momentum` (MoCo) and `*_target` (BYOL); the EMA rate was
 # `momentum_tau` (MoCo) and `tau_base`/`tau_final` (BYOL); MoCo chose its head with `version`.
@@ -42,6 +54,19 @@ def _rename_legacy_keys(module: nn.Module, state_dict: dict, prefix: str, *args:
         for old, new in _LEGACY_STATE_PREFIXES.items():
             if key.startswith(prefix + old):
                 state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
+
+
+def checkpoint_method(checkpoint: dict) -> type[SSLMethod] | None:
+    """The method class that wrote ``checkpoint`` (``None`` when it does not say)."""
+    path = checkpoint.get("method") or (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    if not isinstance(path, str) or "." not in path:
+        return None
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, SSLMethod) else None
 
 
 def _migrate_hparams(hparams: dict) -> dict:
@@ -129,16 +154,30 @@ class SSLMethod(pl.LightningModule):
         strict: bool | None = None,
         **kwargs: Any,
     ):
-        """``LightningModule.load_from_checkpoint``, with checkpoints of earlier releases migrated to
-        today's argument names."""
+        """``LightningModule.load_from_checkpoint``, plus: ``SSLMethod.load_from_checkpoint(path)`` builds
+        whichever method wrote the checkpoint; a checkpoint of another method is a clear error; checkpoints
+        of earlier releases are migrated to today's argument names."""
         checkpoint = torch.load(checkpoint_path, map_location=map_location or "cpu", weights_only=False)
+        method = checkpoint_method(checkpoint)
+        if cls is SSLMethod and method is None:
+            raise ValueError(f"{checkpoint_path} does not say which method wrote it: load it with that class")
+        if cls is SSLMethod:
+            cls = method
+        elif method is not None and not issubclass(method, cls):
+            raise TypeError(
+                f"{checkpoint_path} is a checkpoint of {method.__name__}, not of {cls.__name__}: load it with "
+                f"{method.__name__}.load_from_checkpoint(...) or SSLMethod.load_from_checkpoint(...)"
+            )
         hparams = checkpoint.get("hyper_parameters")
         if isinstance(hparams, dict):
             checkpoint["hyper_parameters"] = _migrate_hparams(hparams)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         buffer.seek(0)
-        return super().load_from_checkpoint(buffer, map_location, hparams_file, strict, **kwargs)
+        # super(SSLMethod, cls): cls may have become the subclass named by the checkpoint
+        return super(SSLMethod, cls).load_from_checkpoint(  # noqa: UP008
+            buffer, map_location, hparams_file, strict, **kwargs
+        )
 
     # ------------------------------------------------------------------- fast path
     def setup(self, stage: str) -> None:
@@ -161,8 +200,16 @@ class SSLMethod(pl.LightningModule):
 
     # ----------------------------------------------------------------- representation
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """The representation used for evaluation (kNN, linear probe): backbone features."""
-        return self.representation(images)
+        """The frozen-encoder representation (kNN, linear probe): ``representation`` run with every
+        submodule in eval mode, so batch norm uses its running statistics and no module state changes;
+        each submodule's mode is restored afterwards. Gradients flow as usual (wrap in ``torch.no_grad()``)."""
+        modes = [(module, module.training) for module in self.modules()]
+        self.eval()
+        try:
+            return self.representation(images)
+        finally:
+            for module, mode in modes:
+                module.training = mode
 
     def representation(self, images: torch.Tensor, backbone: nn.Module | None = None) -> torch.Tensor:
         """Features of ``images`` from this method's backbone, or from ``backbone`` of the same architecture."""
@@ -181,10 +228,17 @@ class SSLMethod(pl.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["method"] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint["encoder_spec"] = self.encoder_spec()
         checkpoint["rng_states"] = capture_rng_states()  # every process's (a collective under DDP)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        method = checkpoint_method(checkpoint)
+        if method is not None and not isinstance(self, method):
+            raise TypeError(
+                f"the checkpoint was written by {method.__name__}, but the model is {type(self).__name__}: "
+                f"use --model {method.__name__} (or {method.__name__}(...)) to resume it"
+            )
         # Restored before the training loop draws anything, so the resumed run continues the
         # uninterrupted run's random streams (MoCo's shuffle, CPC's patch crops, device augmentation).
         # Only when a fit resumes: loading weights (load_from_checkpoint) leaves the generators alone.
@@ -204,7 +258,7 @@ class SSLMethod(pl.LightningModule):
     # ------------------------------------------------------------------ optimization
     def global_batch_size(self) -> int:
         """Images per optimizer step over all processes: batch x processes x accumulation."""
-        if self.trainer.train_dataloader is None:  # not loaded yet (e.g. max_steps set)
+        if self.trainer.train_dataloader is None:  # not loaded yet (e.g. max_epochs=-1)
             self.trainer.fit_loop.setup_data()
         loader = self.trainer.train_dataloader
         batch = getattr(loader, "batch_size", None)
@@ -217,16 +271,100 @@ class SSLMethod(pl.LightningModule):
             )
         return int(batch) * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The callbacks every run needs, unless the trainer has its own of the same kind: a
+        ``DivergenceGuard`` (stop at a non-finite loss), a ``PreemptionCheckpoint`` (checkpoint and exit
+        143 on SIGTERM/SIGUSR1), a ``ViewGridLogger`` (the augmented views, to the loggers), a ``RunSummary``
+        (the run's settings to the loggers, and what ran and where it is at the end), an ``SSLProgressBar``
+        in place of Lightning's default bar, and, for ``predict``, an ``EmbeddingWriter``. Methods add
+        theirs (EMA, queue) to this list."""
+        if self._trainer is None:
+            return []
+        trainer = self.trainer
+        have = {type(c) for c in trainer.callbacks}
+        defaults: list[pl.Callback] = [DivergenceGuard(), PreemptionCheckpoint(), ViewGridLogger(), RunSummary()]
+        if trainer.state.fn == "predict":
+            defaults.append(EmbeddingWriter())
+        if type(trainer.progress_bar_callback) is TQDMProgressBar:  # Lightning's default: ours shows the loss
+            defaults.append(SSLProgressBar(refresh_rate=trainer.progress_bar_callback.refresh_rate))
+        return [c for c in defaults if not any(issubclass(h, type(c)) for h in have)]
+
+    def on_train_start(self) -> None:
+        # configure_optimizers loads the train dataloader (the schedule needs its length) before Lightning
+        # restores the loops, so Lightning's own setup_data never hands a resumed loader its position;
+        # hand it over here, before the first batch (ResumableDataLoader creates its iterator lazily).
+        self.trainer.fit_loop._load_combined_loader_states()
+
+    def check_training_data(self) -> None:
+        """Fail early, with what to do, when the training data cannot train this method."""
+        loader = self.trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        size = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+        batch = getattr(loader, "batch_size", None)
+        if size == 0:
+            raise ValueError("the training set is empty: check the dataset path and its layout")
+        if self.trainer.num_training_batches == 0:
+            raise ValueError(
+                f"the training set has {size} image(s), fewer than one batch of {batch} with drop_last=True: "
+                "use a smaller batch_size (or more data)"
+            )
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
+        if batch == 1 or (size is not None and batch and not getattr(loader, "drop_last", True) and size % batch == 1):
+            where = "every batch" if batch == 1 else "the last batch of every epoch"
+            raise ValueError(
+                f"{where} holds a single image ({size} images, batch {batch}): contrastive and batch-statistics "
+                f"losses need at least 2{' and batch norm fails' if has_bn else ''}; "
+                "use batch_size >= 2 and drop_last=True"
+            )
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch of the training loader (whatever max_steps/max_epochs say)."""
+        batches = self.trainer.num_training_batches
+        if batches == float("inf"):  # an iterable of unknown length: the epoch is the run
+            return int(self.trainer.estimated_stepping_batches)
+        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+
     def configure_optimizers(self):
         cfg = self.optim_config
-        total_steps = int(self.trainer.estimated_stepping_batches)  # loads the train dataloader
+        if self.trainer.train_dataloader is None:  # estimated_stepping_batches skips it when max_epochs=-1
+            self.trainer.fit_loop.setup_data()
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        self.check_training_data()
         lr = cfg["lr"] if cfg["lr"] is not None else scaled_lr(cfg["base_lr"], self.global_batch_size())
-        max_epochs = self.trainer.max_epochs
-        steps_per_epoch = total_steps / max_epochs if max_epochs and max_epochs > 0 else total_steps
-        warmup_steps = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+        warmup_steps = int(round(cfg["warmup_epochs"] * self.steps_per_epoch()))
         groups = split_weight_decay([self], cfg["weight_decay"])
         optimizer = build_optimizer(cfg["optimizer"], groups, lr=lr, momentum=cfg["momentum"], fused=cfg["fused"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_lambda(step, total_steps, warmup_steps, cfg["schedule"])
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ validate / predict
+    def on_validation_epoch_start(self) -> None:
+        """``lightning-ssl validate`` (``trainer.validate``): weighted kNN of the validation images against
+        the datamodule's labeled training images (the bank is encoded here, sharded over processes)."""
+        require(self.trainer.datamodule, LabeledDataModule, "validate", "a datamodule with labeled_dataloader()")
+        bank = self.trainer.datamodule.labeled_dataloader("train")
+        self._knn_bank = extract_features(self.representation, bank, self.device)
+        self._val_features: list[torch.Tensor] = []
+        self._val_labels: list[torch.Tensor] = []
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        self._val_features.append(self.representation(images).float())
+        self._val_labels.append(torch.as_tensor(labels, device=self.device))
+
+    def on_validation_epoch_end(self) -> None:
+        features, labels = torch.cat(self._val_features), torch.cat(self._val_labels)
+        if self.trainer.world_size > 1:
+            features = self.all_gather(features).flatten(0, 1)
+            labels = self.all_gather(labels).flatten(0, 1)
+        scores = knn_accuracy(*self._knn_bank, features.cpu(), labels.cpu())
+        self.log("val/knn_top1", scores["all"], sync_dist=False)
+        self._knn_bank, self._val_features, self._val_labels = None, [], []
+
+    def predict_step(self, batch, batch_idx):
+        """``lightning-ssl predict`` (``trainer.predict``): the representation of every image of the
+        datamodule's predict split, returned with its label (``EmbeddingWriter`` saves them)."""
+        images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        return {"features": self(images).float().cpu(), "labels": None if labels is None else torch.as_tensor(labels)}

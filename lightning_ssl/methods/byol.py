@@ -60,7 +60,7 @@ class BYOL(SSLMethod):
         return [(self.backbone, self.backbone_ema), (self.projector, self.projector_ema)]
 
     def configure_callbacks(self):
-        return [EMAUpdate(tau=self.ema_tau, tau_final=self.ema_tau_final)]
+        return [*super().configure_callbacks(), EMAUpdate(tau=self.ema_tau, tau_final=self.ema_tau_final)]
 
     def training_step(self, batch, batch_idx):
         views, _ = batch

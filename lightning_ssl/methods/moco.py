@@ -85,9 +85,10 @@ class MoCo(SSLMethod):
         enqueue_(self.queue, self.queue_ptr, keys)
 
     def configure_callbacks(self):
-        return [EMAUpdate(tau=self.ema_tau, tau_final=self.ema_tau), QueueUpdate()]
+        return [*super().configure_callbacks(), EMAUpdate(tau=self.ema_tau, tau_final=self.ema_tau), QueueUpdate()]
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         batch = self.global_batch_size()
         if self.queue.shape[0] % batch != 0:
             raise ValueError(
