@@ -26,7 +26,8 @@ class KNNMonitor(pl.Callback):
     Needs ``trainer.datamodule.labeled_dataloader(split)`` for ``split`` in ``"train"``, ``"val"``,
     yielding un-augmented ``(images, labels)``. Logs ``val/knn_top1`` every ``every_n_epochs``
     epochs (0: never during training). At the end of fit, with ``report=True``, prints a table of
-    the pretrained backbone next to the same architecture at random initialization, with all
+    the pretrained backbone next to the same architecture at random initialization (its batch-norm
+    statistics recomputed on the training images, no weight changed: ``calibrate_norm_statistics``), with all
     training labels and with ``labels_per_class`` labels of each class. The report encodes at most
     ``max_report_images`` images of each split (an evenly spaced subset; ``None``: all), shows its
     progress, and is skipped when the run took no optimizer step.
@@ -115,7 +116,8 @@ class KNNMonitor(pl.Callback):
                 flush=True,
             )
         bar, limit = trainer.progress_bar_callback is not None, self.max_report_images
-        random_init = pl_module.random_init_backbone(self.seed)
+        # the baseline's batch-norm statistics recomputed on training images (no weight change): honest
+        random_init = pl_module.random_init_backbone(self.seed, calibrate_on=train_loader, max_images=limit)
         pretrained, val_x, val_y = self._evaluate(trainer, pl_module, None, limit, "pretrained" if bar else None)
         baseline, _, _ = self._evaluate(trainer, pl_module, random_init, limit, "random init" if bar else None)
         self.results = {"pretrained": pretrained, "random_init": baseline}
@@ -124,7 +126,8 @@ class KNNMonitor(pl.Callback):
         title = f"{type(pl_module).__name__}: held-out embeddings after {trainer.global_step} steps (PCA)"
         log_image(trainer, "media/embeddings", embedding_scatter(val_x, val_y, classes, title=title))
         lines = [
-            f"Weighted kNN top-1 on the held-out split (k={self.k}, T={self.temperature}), frozen backbone:",
+            f"Weighted kNN top-1 on the held-out split (k={self.k}, T={self.temperature}), frozen backbone "
+            "(random init: batch-norm statistics recomputed on the training images):",
             f"  {'training labels':<22}{'pretrained':>12}{'random init':>14}",
         ]
         for name in self.results["pretrained"]:

@@ -6,12 +6,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision
-from helpers import quiet_trainer
+from helpers import RandomTwoViews, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ssl import MoCoV2, SimCLR, build_backbone
-from lightning_ssl.callbacks import OnlineLinearProbe
+from lightning_ssl.callbacks import KNNMonitor, OnlineLinearProbe
 from lightning_ssl.cli import main as cli_main
 from lightning_ssl.evaluation import (
     EncoderChangedError,
@@ -314,3 +314,39 @@ def test_probe_and_knn_features_under_ddp(tmp_path):
     assert torch.allclose(single.probe.weight, r0["w"], atol=1e-5)
     assert torch.equal(r0["labels"], torch.arange(7)) and torch.equal(r1["labels"], torch.arange(7))
     assert torch.equal(r0["feats"], torch.arange(7.0).unsqueeze(1).repeat(1, 3) * 2)
+
+
+def test_calibrated_random_baseline_changes_only_normalization_statistics():
+    """The random-init baseline's BN running statistics are recomputed on training images; every weight
+    (and every other buffer) is the freshly initialized one; the statistics match the data."""
+    model = SimCLR(backbone="resnet18", small_image=True, projection_dim=8)
+    plain = model.random_init_backbone(seed=3)
+    images = torch.rand(64, 3, 16, 16) * 4 + 2  # far from the initial statistics (mean 0, variance 1)
+    loader = DataLoader(TensorDataset(images, torch.zeros(64)), batch_size=16)
+    calibrated = model.random_init_backbone(seed=3, calibrate_on=loader)
+    assert not calibrated.training
+    before, after = plain.state_dict(), calibrated.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), calibrated.parameters()))
+    bn1 = calibrated.module.bn1  # its statistics are those of conv1's outputs on the images (all 64 of them)
+    with torch.no_grad():
+        out = calibrated.module.conv1(images)
+    torch.testing.assert_close(bn1.running_mean, out.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert bn1.momentum == 0.1  # restored
+
+
+def test_knn_report_uses_the_calibrated_baseline(tmp_path, monkeypatch):
+    calls = []
+    original = SimCLR.random_init_backbone
+
+    def spy(self, seed=0, calibrate_on=None, max_images=5000):
+        calls.append(calibrate_on)
+        return original(self, seed, calibrate_on, max_images)
+
+    monkeypatch.setattr(SimCLR, "random_init_backbone", spy)
+    monitor = KNNMonitor(every_n_epochs=0)
+    _trainer(1, callbacks=[monitor]).fit(
+        SimCLR(backbone="resnet18", projection_dim=8, warmup_epochs=0), RandomTwoViews(num_samples=16, batch_size=8)
+    )
+    assert calls and calls[0] is not None and "random_init" in monitor.results

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import io
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +32,7 @@ from lightning_ssl.callbacks import (
     ViewGridLogger,
 )
 from lightning_ssl.contracts import HasEMATargets, LabeledDataModule, require
+from lightning_ssl.evaluation.baselines import calibrate_norm_statistics
 from lightning_ssl.evaluation.knn import extract_features, knn_accuracy
 from lightning_ssl.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_lambda, scaled_lr, split_weight_decay
 from lightning_ssl.rng import capture_rng_states, restore_rng_states
@@ -245,15 +247,25 @@ class SSLMethod(pl.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == "fit":
             restore_rng_states(checkpoint.get("rng_states", []))
 
-    def random_init_backbone(self, seed: int = 0) -> nn.Module:
-        """A freshly initialized backbone of the same architecture (the random-init baseline)."""
+    def random_init_backbone(
+        self, seed: int = 0, calibrate_on: Iterable | None = None, max_images: int | None = 5000
+    ) -> nn.Module:
+        """A freshly initialized backbone of the same architecture (the random-init baseline). With
+        ``calibrate_on`` (a loader of ``(images, labels)``, e.g. un-augmented training images), its batch-norm
+        statistics are recomputed on up to ``max_images`` of them through this method's representation, with
+        no weight change (``lightning_ssl.evaluation.calibrate_norm_statistics``): the honest baseline."""
         name = self.hparams.get("backbone")
         if isinstance(name, str):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 module, _ = build_backbone(name, small_image=self.small_image)
-            return module.to(self.device)
-        return reset_parameters(self.backbone, seed)
+            module = module.to(self.device)
+        else:
+            module = reset_parameters(self.backbone, seed)
+        if calibrate_on is not None:
+            encode = lambda x: self.representation(x, backbone=module)  # noqa: E731
+            calibrate_norm_statistics(module, calibrate_on, encode, max_images, self.device)
+        return module
 
     # ------------------------------------------------------------------ optimization
     def global_batch_size(self) -> int:

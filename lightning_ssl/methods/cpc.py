@@ -4,6 +4,8 @@ Recognition with Contrastive Predictive Coding")."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
@@ -132,11 +134,13 @@ class CPC(SSLMethod):
         }
         return spec
 
-    def random_init_backbone(self, seed: int = 0) -> nn.Module:
-        module = super().random_init_backbone(seed)
+    def random_init_backbone(
+        self, seed: int = 0, calibrate_on: Iterable | None = None, max_images: int | None = 5000
+    ) -> nn.Module:
         if self.encoder_norm == "layer" and isinstance(self.hparams.get("backbone"), str):
-            module = batch_norm_to_layer_norm(module).to(self.device)
-        return module
+            # CPC v2's layer norm has no running statistics: nothing to calibrate
+            return batch_norm_to_layer_norm(super().random_init_backbone(seed)).to(self.device)
+        return super().random_init_backbone(seed, calibrate_on, max_images)
 
     # ----------------------------------------------------------------------- training
     def _direction_loss(self, z: torch.Tensor, context: nn.Module, predictor: nn.Module) -> torch.Tensor:
