@@ -215,3 +215,20 @@ def test_exported_and_loaded_encoder_compute_the_representation(tmp_path, name):
         tv = batch_norm_to_layer_norm(tv)
     tv.load_state_dict(state, strict=True)
     assert isinstance(tv, torchvision.models.ResNet)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_both_view_batching_modes_train_and_agree_without_batch_statistics(tmp_path, name):
+    """``view_batching="concat"`` (one forward over all views) and ``"per_view"`` both train; with batch
+    norm on its running statistics (eval mode) they compute the same loss: concatenation changes only
+    which images batch statistics are taken over."""
+    for mode in ("concat", "per_view"):
+        rec = LossRecorder()
+        trainer(tmp_path, max_steps=2, callbacks=[rec]).fit(make(name, view_batching=mode), data(n=16))
+        assert len(rec.losses) == 2 and all(torch.isfinite(torch.tensor(rec.losses)))
+    concat, per_view = make(name, view_batching="concat").eval(), make(name, view_batching="per_view").eval()
+    torch.manual_seed(2)
+    a = step_loss(concat, views())
+    torch.manual_seed(2)
+    b = step_loss(per_view, views())
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

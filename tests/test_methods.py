@@ -133,3 +133,23 @@ def test_bad_method_specific_arguments():
         BYOL(backbone="resnet18", ema_tau=1.0, ema_tau_final=0.99)
     with pytest.raises(ValueError, match="encoder_norm must be"):
         CPC(backbone="resnet18", encoder_norm="instance")
+
+
+def test_view_batching_decides_the_batch_norm_statistics():
+    """In training mode the modes differ exactly by batch norm: over 2N views or N per view."""
+    from lightning_ssl.methods.base import SSLMethod
+
+    torch.manual_seed(0)
+    model = SimCLR(TinyConvNet(), projection_dim=8, view_batching="concat")
+    net = torch.nn.BatchNorm1d(3)
+    x1, x2 = torch.randn(4, 3), torch.randn(4, 3) + 5
+    concat = model.forward_views(net, [x1, x2])
+    model.view_batching = "per_view"
+    per_view = model.forward_views(net, [x1, x2])
+    torch.testing.assert_close(per_view[1].mean(0), torch.zeros(3), atol=1e-5, rtol=0)  # each view centered alone
+    assert concat[1].mean(0).min() > 0.5  # centered with the other view
+    model.view_batching = "auto"  # on the CPU: per view
+    torch.testing.assert_close(model.forward_views(net, [x1, x2])[1], per_view[1])
+    with pytest.raises(ValueError, match="view_batching must be one of auto, concat, per_view"):
+        SimCLR(TinyConvNet(), view_batching="stacked")
+    assert "view_batching" in SSLMethod.__init__.__code__.co_varnames

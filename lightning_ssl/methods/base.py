@@ -37,7 +37,9 @@ from lightning_ssl.evaluation.knn import extract_features, knn_accuracy
 from lightning_ssl.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_lambda, scaled_lr, split_weight_decay
 from lightning_ssl.rng import capture_rng_states, restore_rng_states
 
-__all__ = ["SSLMethod", "checkpoint_method"]
+__all__ = ["SSLMethod", "checkpoint_method", "VIEW_BATCHING"]
+
+VIEW_BATCHING = ("auto", "concat", "per_view")
 
 # Names of earlier releases: EMA copies were `*_momentum` (MoCo) and `*_target` (BYOL); the EMA rate was
 # `momentum_tau` (MoCo) and `tau_base`/`tau_final` (BYOL); MoCo chose its head with `version`.
@@ -104,6 +106,11 @@ class SSLMethod(pl.LightningModule):
         fused_optimizer: one fused kernel per parameter group for the optimizer step (``fused=True``
             for SGD/AdamW; LARS scales the gradients by the trust ratio with foreach ops, then takes a
             fused SGD step). Off: foreach (multi-tensor) steps, LARS included.
+        view_batching: how a network sees several views of a batch (``forward_views``): ``"concat"``, one
+            forward over the concatenated views (batch norm's statistics over all the views, the papers'
+            form); ``"per_view"``, one forward per view (statistics per view); ``"auto"``, ``per_view`` on
+            the CPU (measured faster there: the concatenated batch falls out of cache) and ``concat`` on
+            accelerators.
     Mixed precision is the Trainer's ``precision="bf16-mixed"``; the losses compute in float32.
     """
 
@@ -121,6 +128,7 @@ class SSLMethod(pl.LightningModule):
         channels_last: bool = False,
         compile_backbone: bool = False,
         fused_optimizer: bool = False,
+        view_batching: str = "auto",
     ):
         super().__init__()
         # Collects the arguments of every __init__ of the class chain (a thin variant passes its
@@ -131,6 +139,9 @@ class SSLMethod(pl.LightningModule):
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+        if view_batching not in VIEW_BATCHING:
+            raise ValueError(f"view_batching must be one of {', '.join(VIEW_BATCHING)}; got {view_batching!r}")
+        self.view_batching = view_batching
         self.backbone, self.feature_dim = build_backbone(backbone, small_image=small_image)
         self.small_image = small_image
         self.optim_config = dict(
@@ -199,6 +210,25 @@ class SSLMethod(pl.LightningModule):
         if isinstance(self, HasEMATargets):
             modules += [target for online, target in self.ema_pairs() if online is self.backbone]
         return modules
+
+    def forward_views(self, network: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``network`` applied to each view, as ``view_batching`` says (views of one size are concatenated
+        for ``"concat"``; views of other sizes, as multi-crop makes, get their own forward)."""
+        mode = self.view_batching
+        if mode == "auto":
+            mode = "per_view" if views[0].device.type == "cpu" else "concat"
+        if mode == "per_view" or len(views) == 1:
+            return [network(v) for v in views]
+        outputs: list[torch.Tensor | None] = [None] * len(views)
+        start = 0
+        while start < len(views):  # runs of consecutive views of one shape
+            end = start + 1
+            while end < len(views) and views[end].shape[1:] == views[start].shape[1:]:
+                end += 1
+            for i, out in zip(range(start, end), network(torch.cat(views[start:end])).chunk(end - start)):
+                outputs[i] = out
+            start = end
+        return outputs
 
     # ----------------------------------------------------------------- representation
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -64,12 +64,10 @@ class BYOL(SSLMethod):
 
     def training_step(self, batch, batch_idx):
         views, _ = batch
-        x1, x2 = views[0], views[1]
-        p1 = self.predictor(self.projector(self.backbone(x1)))
-        p2 = self.predictor(self.projector(self.backbone(x2)))
+        pair = [views[0], views[1]]
+        p1, p2 = self.forward_views(lambda x: self.predictor(self.projector(self.backbone(x))), pair)
         with torch.no_grad():
-            z1 = self.projector_ema(self.backbone_ema(x1))
-            z2 = self.projector_ema(self.backbone_ema(x2))
+            z1, z2 = self.forward_views(lambda x: self.projector_ema(self.backbone_ema(x)), pair)
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
         self.log("train/loss", loss)  # no prog_bar: Lightning would .item() it (a host sync) every step
         return loss
