@@ -240,3 +240,12 @@ def test_cifar10_knn_script_runs_on_a_tiny_subset(cifar10_root, tmp_path):
     row = json.loads((tmp_path / "k.json").read_text())["rows"][0]
     assert 0.0 <= row["knn"] <= 1.0 and 0.0 <= row["random_init_knn"] <= 1.0 and row["steps"] == 2
     assert 0.0 <= row["linear"] <= 1.0
+
+
+def test_peer_benchmark_smoke_runs_both_libraries(cifar10_root):
+    """Ours and lightly's, at tiny sizes, side by side (needs the optional extra: pip install -e ".[peer]")."""
+    pytest.importorskip("lightly")
+    out = run_module("benchmarks.peer_benchmark", "--smoke", "--methods", "simclr", "byol", "--root", str(cifar10_root))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith(("simclr", "byol"))]
+    assert len(rows) == 2 and all(float(r[3]) > 0 for r in rows)  # the time ratio ours/lightly
