@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the speed issue in one run (about 6 minutes on one H100 expected; the stage
-# limits add up to 7 min 55 s at worst):
-#   1. epoch time, images/s and MFU of SimCLR, BYOL and MoCo v2 (CIFAR-style ResNet-18, batch 512,
-#      bf16-mixed, channels_last, fused optimizer, CIFAR-10 held on the GPU as uint8, views made on
-#      the GPU), trained by the Trainer;
+# Every GPU measurement of the speed issue in one run (about 7 minutes on one H100 expected; the stage
+# limits add up to 10 min 55 s at worst):
+#   1. epoch time, images/s and MFU of SimCLR, BYOL and MoCo v2 on the user's fast path: CIFAR-style
+#      ResNet-18, batch 512, bf16-mixed, channels_last, fused optimizer, CIFAR10DataModule(in_memory=True,
+#      gpu_augment=True, resident_device="cuda") (the images held on the GPU as uint8, the library's
+#      GPUAugment making the views there), trained by Trainer.fit;
 #   2. the same for SimCLR with a compiled backbone;
 #   3. library overhead on the GPU: bare PyTorch loop vs Trainer (train_throughput.py), same settings;
-#   4. the fast-path options one at a time for SimCLR (fp32 / +bf16 / +channels_last / +fused).
+#   4. view batching: one forward over both views against one forward per view (SimCLR, BYOL);
+#   5. the fast-path options one at a time for SimCLR (fp32 / +bf16 / +channels_last / +fused).
 # Usage: benchmarks/gpu_check.sh [--smoke]     (--smoke: tiny CPU settings, checks that it all runs)
 # Results: printed, and JSON files under $OUT (default outputs/gpu_check).
 set -uo pipefail
@@ -42,6 +44,10 @@ stage 100 epoch_compiled "$PY" -m benchmarks.gpu_epoch --methods simclr --batch-
 TP=(--device cuda --batch-size 512 --image-size 32 --warmup 10 --steps 40)
 stage 110 overhead "$PY" -m benchmarks.train_throughput "${TP[@]}" --methods simclr mocov2 byol \
   --precision bf16-mixed --channels-last --fused --json "$OUT/overhead.json"
+stage 90 view_batching_concat "$PY" -m benchmarks.train_throughput "${TP[@]}" --modes trainer --methods simclr byol \
+  --precision bf16-mixed --channels-last --fused --view-batching concat --json "$OUT/view_batching_concat.json"
+stage 90 view_batching_per_view "$PY" -m benchmarks.train_throughput "${TP[@]}" --modes trainer --methods simclr byol \
+  --precision bf16-mixed --channels-last --fused --view-batching per_view --json "$OUT/view_batching_per_view.json"
 stage 45 ablation_fp32 "$PY" -m benchmarks.train_throughput "${TP[@]}" --modes trainer --methods simclr --json "$OUT/ablation_fp32.json"
 stage 45 ablation_bf16 "$PY" -m benchmarks.train_throughput "${TP[@]}" --modes trainer --methods simclr --precision bf16-mixed \
   --json "$OUT/ablation_bf16.json"

@@ -143,27 +143,50 @@ def lightly_side(method: str, args) -> tuple[pl.LightningModule, DataLoader, nn.
 
 
 # ------------------------------------------------------------------------------ one side, in its process
+class KNNCurve(pl.Callback):
+    """kNN top-1 of the backbone at the end of every epoch (the same scorer for both libraries); the time
+    it takes is left out of the training time."""
+
+    def __init__(self, backbone: nn.Module, evaluation: CIFAR10DataModule, every: int):
+        self.backbone, self.evaluation, self.every = backbone, evaluation, every
+        self.curve: list[tuple[int, float]] = []
+        self.seconds = 0.0
+
+    def score(self) -> float:
+        was = self.backbone.training
+        self.backbone.eval()
+        bank = extract_features(self.backbone, self.evaluation.labeled_dataloader("train"))
+        queries = extract_features(self.backbone, self.evaluation.labeled_dataloader("val"))
+        self.backbone.train(was)
+        return knn_accuracy(*bank, *queries)["all"]
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.every and (trainer.current_epoch + 1) % self.every == 0:
+            start = time.perf_counter()
+            self.curve.append((trainer.current_epoch + 1, self.score()))
+            self.seconds += time.perf_counter() - start
+
+
 def worker(args) -> None:
     torch.set_num_threads(args.threads or 1)
     pl.seed_everything(args.seed, verbose=False)
     build = ours if args.worker == "ours" else lightly_side
     model, loader, backbone = build(args.method, args)
-    trainer = quiet_trainer(max_epochs=args.epochs, log_every_n_steps=50)
-    start = time.perf_counter()
-    trainer.fit(model, train_dataloaders=loader)
-    train_s = time.perf_counter() - start
     evaluation = CIFAR10DataModule(
         root=str(args.root), train_per_class=args.per_class, val_per_class=args.test_per_class, num_workers=0
     )
     evaluation.setup()
-    backbone.eval()
-    bank = extract_features(backbone, evaluation.labeled_dataloader("train"))
-    queries = extract_features(backbone, evaluation.labeled_dataloader("val"))
+    curve = KNNCurve(backbone, evaluation, args.curve_every)
+    trainer = quiet_trainer(max_epochs=args.epochs, log_every_n_steps=50, callbacks=[curve])
+    start = time.perf_counter()
+    trainer.fit(model, train_dataloaders=loader)
+    train_s = time.perf_counter() - start - curve.seconds
     result = {
         "train_s": train_s,
         "steps": trainer.global_step,
         "images_per_s": trainer.global_step * args.batch_size / train_s,
-        "knn": knn_accuracy(*bank, *queries)["all"],
+        "knn": curve.score(),
+        "curve": curve.curve,
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -221,6 +244,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.06)
+    p.add_argument("--curve-every", type=int, default=0, help="kNN every N epochs too (0: only at the end)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: 4 images per class, 1 epoch, batch 8")
     p.add_argument("--worker", choices=["ours", "lightly"], help=argparse.SUPPRESS)
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)

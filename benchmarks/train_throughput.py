@@ -74,6 +74,7 @@ def build_model(args, method: str):
         compile_backbone=args.compile,
         fused_optimizer=args.fused,
         warmup_epochs=0,
+        view_batching=args.view_batching,
     )
     return REGISTRY[method].build(
         size="small" if args.small else ("cifar" if args.image_size <= 64 else "paper"), **kwargs
@@ -201,6 +202,7 @@ def measure(args, method: str, mode: str) -> dict:
         "threads",
         "progress_bar",
         "seed",
+        "view_batching",
     ):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     cmd += [f"--{k.replace('_', '-')}" for k in ("channels_last", "compile", "fused", "small") if getattr(args, k)]
@@ -258,6 +260,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone(s)")
     p.add_argument("--fused", action="store_true", help="fused optimizer steps (default: foreach)")
     p.add_argument("--small", action="store_true", help="the registry's small heads (smoke runs)")
+    p.add_argument("--view-batching", default="auto", choices=["auto", "concat", "per_view"])
     p.add_argument("--progress-bar", type=int, default=0, help="trainer: TQDM refresh rate (0: no bar)")
     p.add_argument("--modes", nargs="+", default=["bare", "trainer"], choices=["bare", "trainer"])
     p.add_argument("--verify", action="store_true", help="check that both loops compute the same (CPU, 2 steps)")

@@ -13,6 +13,7 @@ distributions as the CPU recipe).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import pytorch_lightning as pl
@@ -38,6 +39,10 @@ from lightning_ssl.datamodules.two_views import MultiViewDataset, TensorImageDat
 __all__ = ["TwoViewDataModule", "FixedSizeUint8", "TransformedDataset", "Uint8ViewsDataset", "UINT8_KEY"]
 
 UINT8_KEY = "uint8_images"  # marks a batch still to be augmented on the device
+
+# While fitting, val_dataloader is deliberately empty (KNNMonitor evaluates during fit; the labeled
+# split serves `validate`): Lightning's notice about an empty validation loader says nothing useful.
+warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
 
 
 class FixedSizeUint8:

@@ -5,7 +5,8 @@
 - ``embedding_scatter``: a 2-D map of embeddings colored by class (PCA; t-SNE with ``method="tsne"``,
   from scikit-learn, a dependency of the quickstart).
 - ``log_image``: to W&B (``WandbLogger.log_image``), TensorBoard (``add_image``) and, for every other
-  logger (CSV) or none, to ``<log_dir>/images/<key>.png`` next to the metrics.
+  logger (CSV), to ``<log_dir>/images/<key>.png`` next to the metrics. A trainer without loggers
+  (``logger=False``) gets no pictures: nothing is written to the working directory.
 """
 
 from __future__ import annotations
@@ -134,6 +135,8 @@ def log_image(trainer: pl.Trainer, key: str, image: np.ndarray, step: int | None
             logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
             sent.append(f"TensorBoard:{key}")
             file_needed = False
+    if not trainer.loggers:
+        return sent
     if file_needed or any(not isinstance(lg, (WandbLogger, TensorBoardLogger)) for lg in trainer.loggers):
         path = image_dir(trainer) / f"{key.replace('/', '_')}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
