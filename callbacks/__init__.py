@@ -1,5 +1,5 @@
-"""Callbacks: EMA targets, MoCo's queue, kNN monitoring, online linear probe, divergence guard, preemption,
-the progress bar, pictures for the dashboards, the run summary.
+"""Callbacks: EMA targets, MoCo's queue, kNN monitoring, online linear probe, online speaker verification,
+divergence guard, preemption, the progress bar, pictures for the dashboards, the run summary.
 
 Installed as ``lightning_ssl.callbacks`` (the repository keeps the folder at its top level).
 """
@@ -13,6 +13,7 @@ from lightning_ssl.callbacks.preemption import Preempted, PreemptionCheckpoint
 from lightning_ssl.callbacks.progress import SSLProgressBar
 from lightning_ssl.callbacks.queue_update import QueueUpdate
 from lightning_ssl.callbacks.run_summary import RunSummary
+from lightning_ssl.callbacks.speaker_verification import SpeakerVerificationMonitor
 from lightning_ssl.callbacks.view_grid import ViewGridLogger
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "QueueUpdate",
     "KNNMonitor",
     "OnlineLinearProbe",
+    "SpeakerVerificationMonitor",
     "DivergenceGuard",
     "DivergenceError",
     "PreemptionCheckpoint",

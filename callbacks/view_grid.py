@@ -29,8 +29,8 @@ class ViewGridLogger(pl.Callback):
             return
         self.done = True
         views = batch[0] if isinstance(batch, (tuple, list)) else None
-        if not isinstance(views, (tuple, list)) or not views:
-            return
+        if not isinstance(views, (tuple, list)) or not views or getattr(views[0], "ndim", 0) != 4:
+            return  # not image views (e.g. waveforms): nothing to picture
         dm = trainer.datamodule
         mean, std = getattr(dm, "mean", None), getattr(dm, "std", None)
         log_image(trainer, "media/views", view_pairs_grid(views, mean, std, n=self.n))

@@ -1,4 +1,5 @@
-"""lightning-ssl: self-supervised learning methods for computer vision as PyTorch Lightning modules.
+"""lightning-ssl: self-supervised learning methods for computer vision (and CPC on raw audio) as PyTorch
+Lightning modules.
 
 One namespace: ``lightning_ssl`` (methods, backbones, losses), ``lightning_ssl.datamodules``,
 ``lightning_ssl.callbacks`` and ``lightning_ssl.evaluation``.

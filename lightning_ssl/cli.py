@@ -7,6 +7,7 @@
     lightning-ssl validate --config ... --ckpt_path last   # kNN top-1 of the checkpoint's encoder
     lightning-ssl predict --config ... --ckpt_path last    # embeddings to <default_root_dir>/embeddings.pt
     lightning-ssl export CKPT OUT.pt             # encoder as a torchvision state_dict
+    lightning-ssl speaker-eval CKPT ROOT [--trials FILE]   # CPCAudio: EER and minDCF (e.g. VoxCeleb1-O)
 
 ``--model`` takes any ``SSLMethod`` subclass (every entry of ``lightning_ssl.REGISTRY``) and ``--data``
 any ``LightningDataModule`` (``lightning_ssl.datamodules.*`` are registered by their short names).
@@ -22,6 +23,7 @@ checkpoint is written.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import inspect
@@ -32,6 +34,7 @@ import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 import yaml
 from jsonargparse import ArgumentParser
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -39,11 +42,20 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 import lightning_ssl.datamodules  # noqa: F401  (registers the datamodules for short class names)
 from lightning_ssl.callbacks import DivergenceError, Preempted
+from lightning_ssl.datamodules.audio import AudioFolder
 from lightning_ssl.distributed import launcher_trainer_flags
-from lightning_ssl.evaluation.export import export_main
+from lightning_ssl.evaluation.export import export_main, load_encoder
+from lightning_ssl.evaluation.speaker import (
+    make_trials,
+    read_trials,
+    speaker_id_accuracy,
+    split_per_speaker,
+    utterance_embeddings,
+    verification_metrics,
+)
 from lightning_ssl.methods import SSLMethod
 
-__all__ = ["main", "SSLCLI"]
+__all__ = ["main", "SSLCLI", "speaker_eval_main"]
 
 # errors that describe the user's configuration or data: a message is enough, no traceback
 USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, DivergenceError)
@@ -147,10 +159,50 @@ def _remove_empty_log_dir(trainer: pl.Trainer | None) -> None:
         shutil.rmtree(log_dir, ignore_errors=True)
 
 
+def speaker_eval_main(argv: list[str]) -> dict[str, float]:
+    """``lightning-ssl speaker-eval CKPT ROOT``: speaker verification (EER, minDCF) of a ``CPCAudio``
+    checkpoint's utterance embeddings on the speaker folders of ``ROOT``, with the trials of a list
+    file (VoxCeleb1-O: ``ROOT`` is VoxCeleb1's test ``wav`` folder, ``--trials`` its ``veri_test2.txt``)
+    or every pair of ``ROOT``'s utterances; ``--speaker-id`` adds the linear speaker-ID probe."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-ssl speaker-eval", description="Speaker verification (EER, minDCF) of a CPCAudio checkpoint"
+    )
+    parser.add_argument("checkpoint", help="Lightning checkpoint of CPCAudio")
+    parser.add_argument("root", help="folder of speaker folders holding the evaluation utterances")
+    parser.add_argument("--trials", help="trial list, lines '<0|1> <path1> <path2>' relative to ROOT (VoxCeleb1-O)")
+    parser.add_argument("--center-root", help="training audio whose mean embedding is subtracted before scoring")
+    parser.add_argument("--crop", type=int, default=None, help="centered window in samples (default: whole files)")
+    parser.add_argument("--max-trials", type=int, default=None, help="without --trials: sample this many pairs")
+    parser.add_argument("--p-target", type=float, default=0.01)
+    parser.add_argument("--speaker-id", action="store_true", help="also the linear speaker-ID probe")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    encoder, _ = load_encoder(args.checkpoint)
+    encoder = encoder.to(args.device).eval()
+
+    def embed(root: str):
+        data = AudioFolder(root, crop_samples=args.crop, random_crop=False)
+        loader = torch.utils.data.DataLoader(data, batch_size=1 if args.crop is None else 32)
+        return (*utterance_embeddings(encoder, loader, args.device), data)
+
+    x, labels, data = embed(args.root)
+    trials = read_trials(args.trials, data.relative_paths) if args.trials else make_trials(labels, args.max_trials)
+    center = embed(args.center_root)[0].mean(0) if args.center_root else None
+    results = verification_metrics(x, trials, center=center, p_target=args.p_target)
+    if args.speaker_id:
+        train, test = split_per_speaker(labels)
+        results["speaker_id"] = speaker_id_accuracy(x[train], labels[train], x[test], labels[test])
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()), flush=True)
+    return results
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
+    if argv[:1] == ["speaker-eval"]:
+        speaker_eval_main(argv[1:])
+        return None
     SSLCLI.trainer_instance = None
     try:
         SSLCLI(

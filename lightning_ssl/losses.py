@@ -4,6 +4,7 @@
 - ``moco_info_nce``: MoCo's InfoNCE with a queue of negatives (He et al. 2020, eq. 1).
 - ``byol_loss``: BYOL's normalized regression 2 - 2 cos(p, z) (Grill et al. 2020, eq. 2).
 - ``cpc_info_nce``: image CPC's InfoNCE over patch vectors (Oord et al. 2018, eq. 4).
+- ``cpc_sequence_info_nce``: CPC's InfoNCE over a sequence (audio, Oord et al. 2018, sec. 3.1 and eq. 4).
 
 Each loss computes in float32 with autocast off (``_float32``), so under ``precision="bf16-mixed"``
 (or 16-mixed) the normalization, the similarity logits and the softmax are not rounded to 16 bits;
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 
 from lightning_ssl.distributed import gather_with_grad, rank
 
-__all__ = ["nt_xent", "moco_info_nce", "byol_loss", "cpc_info_nce"]
+__all__ = ["nt_xent", "moco_info_nce", "byol_loss", "cpc_info_nce", "cpc_sequence_info_nce", "NEGATIVES"]
+
+NEGATIVES = ("batch", "same_sequence")
 
 
 def _float32(loss_fn):
@@ -141,4 +144,56 @@ def cpc_info_nce(
             row = torch.arange(k, rows, device=targets.device).view(1, rows - k, 1) * cols
             positives = (offset + image + row + col).reshape(-1)  # index of the patch k rows below
             losses.append(F.cross_entropy(queries @ candidates.T, positives))
+    return torch.stack(losses).mean()
+
+
+def cpc_sequence_info_nce(
+    predictions: torch.Tensor,
+    targets: torch.Tensor,
+    steps: Sequence[int],
+    negatives: str = "batch",
+    gather: bool = True,
+) -> torch.Tensor:
+    """InfoNCE of CPC on sequences (audio): each prediction W_k c_t must pick z_{t+k} among candidates.
+
+    Args:
+        predictions: ``B x S x T x D``; ``predictions[:, s, t]`` (= W_k c_t for ``k = steps[s]``)
+            predicts ``targets[:, t + k]``. Positions ``t >= T - k`` have no target and are ignored.
+        targets: ``B x T x D`` vectors z.
+        steps: the offsets k of the S predictions, each in ``1 .. T - 1``.
+        negatives: the candidates of a prediction: ``"batch"`` (the paper's choice): every z of every
+            sequence of the batch, i.e. the other positions of the same sequence and all positions
+            of the other sequences, gathered across processes when ``gather`` (``cpc_info_nce`` with
+            time as rows); ``"same_sequence"``: the positions of the prediction's own sequence only.
+        gather: in a distributed run, ``"batch"`` candidates come from every process (with gradients).
+    Returns the mean over steps of the mean cross entropy over positions; ``log N`` when all logits
+    are equal (``N = B x T``, global batch, for ``"batch"``; ``N = T`` for ``"same_sequence"``).
+    """
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}; got {negatives!r}")
+    if predictions.ndim != 4 or targets.ndim != 3:
+        raise ValueError(
+            f"predictions must be B x S x T x D and targets B x T x D, got "
+            f"{tuple(predictions.shape)} and {tuple(targets.shape)}"
+        )
+    b, s, t, d = predictions.shape
+    if targets.shape != (b, t, d):
+        raise ValueError(f"targets of shape {tuple(targets.shape)} do not match predictions {tuple(predictions.shape)}")
+    if negatives == "batch":
+        # time plays the part of the rows of a one-column grid
+        return cpc_info_nce(
+            predictions.permute(0, 1, 3, 2).unsqueeze(-1), targets.transpose(1, 2).unsqueeze(-1), steps, gather
+        )
+    if len(steps) != s:
+        raise ValueError(f"{s} predictions per position but {len(steps)} steps {list(steps)}")
+    if any(k < 1 or k >= t for k in steps):
+        raise ValueError(f"every step must lie in 1..{t - 1} for sequences of {t} vectors, got {list(steps)}")
+    dtype = torch.promote_types(targets.dtype, torch.float32)
+    predictions, targets = predictions.to(dtype), targets.to(dtype)
+    losses = []
+    with torch.autocast(device_type=targets.device.type, enabled=False):
+        for idx, k in enumerate(steps):
+            logits = predictions[:, idx, : t - k] @ targets.transpose(1, 2)  # B x (T - k) x T
+            positives = torch.arange(k, t, device=targets.device).expand(b, t - k)
+            losses.append(F.cross_entropy(logits.reshape(-1, t), positives.reshape(-1)))
     return torch.stack(losses).mean()

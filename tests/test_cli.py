@@ -28,7 +28,8 @@ def test_config_parses(config, capsys):
     assert "class_path: lightning_ssl." in printed
 
 
-def test_quickstart_config_runs_a_few_steps(tmp_path, capsys):
+def test_quickstart_config_runs_a_few_steps(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config checkpoints to outputs/quickstart/checkpoints under the working directory
     main(
         [
             "fit",

@@ -5,6 +5,9 @@ fit with a finite loss and the callbacks its contracts call for; hyperparameters
 checkpoint restores everything and a resumed run ends where the uninterrupted one ends; no host
 synchronization per step; channels_last and bf16 do not change the step; the exported encoder
 computes the method's representation. (Multi-process equivalence: tests/test_distributed.py.)
+
+Inputs follow each entry's modality (``MethodEntry.modality``): image methods get the random image
+batches below, audio methods random waveforms from ``MethodEntry.example_views``.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 import yaml
+from audio_helpers import ExampleViewsDataModule
 from conftest import TinyConvNet
 from helpers import RandomTwoViews, SyncCounter, quiet_trainer
 from torch.utils.data import DataLoader
 
 import lightning_ssl
 from lightning_ssl import REGISTRY, SSLMethod
+from lightning_ssl.audio_encoders import CPCAudioEncoder
 from lightning_ssl.backbones import batch_norm_to_layer_norm
 from lightning_ssl.callbacks import EMAUpdate, QueueUpdate
 from lightning_ssl.contracts import HasEMATargets, HasQueue
@@ -34,13 +39,20 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE = 16  # image side of the contract runs
 
 
+def is_image(name: str) -> bool:
+    return REGISTRY[name].modality == "image"
+
+
 def make(name: str, **kwargs) -> SSLMethod:
     torch.manual_seed(0)
-    kwargs.setdefault("backbone", TinyConvNet())
+    if is_image(name):
+        kwargs.setdefault("backbone", TinyConvNet())
     return REGISTRY[name].build(size="small", warmup_epochs=0, **kwargs)
 
 
-def data(n: int = 24, batch: int = 8) -> RandomTwoViews:
+def data(n: int = 24, batch: int = 8, name: str = "simclr") -> pl.LightningDataModule:
+    if not is_image(name):
+        return ExampleViewsDataModule(REGISTRY[name], num_samples=n, batch_size=batch)
     return RandomTwoViews(num_samples=n, batch_size=batch, image_size=SIZE)
 
 
@@ -71,7 +83,7 @@ def test_every_exported_method_is_registered_and_every_registered_method_exporte
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_method_has_its_configs(name):
-    for dataset in ("cifar10", "imagenet"):
+    for dataset in REGISTRY[name].configs:
         path = REPO / "configs" / f"{name}_{dataset}.yaml"
         assert path.is_file(), f"missing {path.name}"
         class_path = yaml.safe_load(path.read_text())["model"]["class_path"]
@@ -83,7 +95,7 @@ def test_every_method_has_its_configs(name):
 def test_fit_a_few_steps_with_finite_loss_and_its_callbacks(tmp_path, name):
     model, rec = make(name), LossRecorder()
     t = trainer(tmp_path, max_steps=3, callbacks=[rec])
-    t.fit(model, data())
+    t.fit(model, data(name=name))
     assert t.global_step == 3 and len(rec.losses) == 3
     assert all(torch.isfinite(torch.tensor(rec.losses)))
     kinds = {type(c) for c in t.callbacks}
@@ -93,14 +105,15 @@ def test_fit_a_few_steps_with_finite_loss_and_its_callbacks(tmp_path, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_hyperparameters_round_trip(tmp_path, name):
-    model = make(name, backbone="resnet18", small_image=True, lr=0.05)
+    named = REGISTRY[name].named_backbone
+    model = make(name, **named, lr=0.05)
     t = trainer(tmp_path, max_steps=1)
-    t.fit(model, data(n=8))
+    t.fit(model, data(n=8, name=name))
     path = tmp_path / "m.ckpt"
     t.save_checkpoint(path)
     loaded = type(model).load_from_checkpoint(path)
     assert dict(loaded.hparams) == dict(model.hparams)
-    assert loaded.hparams.lr == 0.05 and loaded.hparams.backbone == "resnet18"
+    assert loaded.hparams.lr == 0.05 and loaded.hparams.backbone == named["backbone"]
     for (key, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), key
 
@@ -112,10 +125,10 @@ def test_resume_from_an_epoch_checkpoint_ends_where_the_uninterrupted_run_ends(t
     every_epoch = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_epochs=1)
     straight = make(name)
     t1 = trainer(tmp_path / "a", max_epochs=2, callbacks=[every_epoch], enable_checkpointing=True)
-    t1.fit(straight, data())
+    t1.fit(straight, data(name=name))
     resumed = make(name)
     t2 = trainer(tmp_path / "b", max_epochs=2)
-    t2.fit(resumed, data(), ckpt_path=tmp_path / "ckpts" / "epoch=0-step=3.ckpt")
+    t2.fit(resumed, data(name=name), ckpt_path=tmp_path / "ckpts" / "epoch=0-step=3.ckpt")
     assert t2.global_step == 6
     for (key, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=key)
@@ -129,9 +142,12 @@ def test_resume_from_an_epoch_checkpoint_ends_where_the_uninterrupted_run_ends(t
 class ReadyViews(torch.utils.data.Dataset):
     """Ready-made view pairs: loading makes no tensor operation the counter could see."""
 
-    def __init__(self, n: int = 32):
+    def __init__(self, n: int = 32, name: str = "simclr"):
         gen = torch.Generator().manual_seed(0)
-        self.views = torch.randn(2, n, 3, SIZE, SIZE, generator=gen)
+        if is_image(name):
+            self.views = torch.randn(2, n, 3, SIZE, SIZE, generator=gen)
+        else:
+            self.views = torch.stack(REGISTRY[name].example_views(n))
 
     def __len__(self):
         return self.views.shape[1]
@@ -146,7 +162,7 @@ def test_training_steps_make_no_host_sync(tmp_path, monkeypatch, name):
     its callbacks or Lightning, when the progress bar is off."""
     counter = SyncCounter()
     t = trainer(tmp_path, max_steps=4, log_every_n_steps=100, callbacks=[counter])
-    loader = DataLoader(ReadyViews(), batch_size=8)
+    loader = DataLoader(ReadyViews(name=name), batch_size=8)
     model = make(name)
     counter.patch(monkeypatch)
     t.fit(model, train_dataloaders=loader)
@@ -166,6 +182,10 @@ def views(n: int = 8):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_channels_last_gives_the_same_loss_and_gradients(name):
+    if not is_image(name):  # a memory format of 4-d tensors: audio methods refuse it by name
+        with pytest.raises(ValueError, match="channels_last"):
+            make(name, channels_last=True)
+        return
     plain, fast = make(name), make(name, channels_last=True)
     fast.setup("fit")
     conv = fast.backbone.module.net[0].weight
@@ -187,7 +207,7 @@ def test_bf16_mixed_training_is_close_to_float32(tmp_path, name):
     losses = {}
     for precision in ("32-true", "bf16-mixed"):
         rec = LossRecorder()
-        trainer(tmp_path, max_steps=2, precision=precision, callbacks=[rec]).fit(make(name), data(n=16))
+        trainer(tmp_path, max_steps=2, precision=precision, callbacks=[rec]).fit(make(name), data(n=16, name=name))
         losses[precision] = torch.tensor(rec.losses)
     assert torch.isfinite(losses["bf16-mixed"]).all()
     torch.testing.assert_close(losses["bf16-mixed"], losses["32-true"], rtol=0.03, atol=0.02)
@@ -198,17 +218,24 @@ def test_bf16_mixed_training_is_close_to_float32(tmp_path, name):
 def test_exported_and_loaded_encoder_compute_the_representation(tmp_path, name):
     """``load_encoder(ckpt)`` gives the method's evaluation features, and ``lightning-ssl export``
     writes the backbone as a torchvision state_dict that loads with strict=True."""
-    model = make(name, backbone="resnet18", small_image=True)
+    model = make(name, **REGISTRY[name].named_backbone)
     t = trainer(tmp_path, max_steps=2)
-    t.fit(model, data(n=16))
+    t.fit(model, data(n=16, name=name))
     ckpt = tmp_path / "m.ckpt"
     t.save_checkpoint(ckpt)
-    x = torch.randn(2, 3, SIZE, SIZE)
+    x = torch.randn(2, 3, SIZE, SIZE) if is_image(name) else REGISTRY[name].example_views(2, seed=3)[0]
     encoder, dim = load_encoder(ckpt)
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(encoder.eval()(x), model.representation(x), atol=1e-5, rtol=1e-5)
     assert dim == model.feature_dim
+    if not is_image(name):  # the audio encoder (convolutions and GRU) as a plain state_dict
+        state = torch.load(export_backbone(ckpt, tmp_path / "encoder.pt"), weights_only=True)
+        rebuilt = CPCAudioEncoder(**model.encoder_spec()["audio_encoder"])
+        rebuilt.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt.eval()(x), model.representation(x), atol=1e-5, rtol=1e-5)
+        return
     state = torch.load(export_backbone(ckpt, tmp_path / "encoder.pt"), weights_only=True)
     tv = torchvision_model("resnet18", small_image=True)
     if model.encoder_spec()["layer_norm"]:
@@ -217,7 +244,7 @@ def test_exported_and_loaded_encoder_compute_the_representation(tmp_path, name):
     assert isinstance(tv, torchvision.models.ResNet)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if is_image(n)])  # audio methods take one view
 def test_both_view_batching_modes_train_and_agree_without_batch_statistics(tmp_path, name):
     """``view_batching="concat"`` (one forward over all views) and ``"per_view"`` both train; with batch
     norm on its running statistics (eval mode) they compute the same loss: concatenation changes only

@@ -2,7 +2,8 @@
 
 What each test would catch is said in its docstring: negatives not gathered, keys enqueued per
 process, EMA diverging across ranks, wrong learning-rate scaling, broken checkpoint resume, a CLI
-that ignores the launcher.
+that ignores the launcher. Inputs follow each entry's modality (``MethodEntry.modality``): image
+methods get random images, audio methods random waveforms (``MethodEntry.example_views``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from audio_helpers import ExampleViewsDataModule
 from conftest import TinyConvNet
 from dist_utils import LOOPBACK, RandomTwoViewDataModule, free_port, run_distributed
 from helpers import quiet_trainer
@@ -46,9 +48,16 @@ def _simclr() -> SimCLR:
     )
 
 
+def _is_image(name: str) -> bool:
+    return REGISTRY[name].modality == "image"
+
+
 def _registered(name: str):
     """Every registered method, small (the MoCo queue of 64 is a multiple of the global batch 16 =
-    4 per process x 2 processes x accumulation 2)."""
+    4 per process x 2 processes x accumulation 2); image methods on the tiny conv net, the others
+    on their own small backbone."""
+    if not _is_image(name):
+        return REGISTRY[name].build(size="small", warmup_epochs=0)
     return REGISTRY[name].build(size="small", backbone=TinyConvNet(), warmup_epochs=0)
 
 
@@ -62,6 +71,13 @@ def _flat(modules) -> torch.Tensor:
 def _views(seed: int, n: int, size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g), torch.randn(n, 3, size, size, generator=g)
+
+
+def _method_views(name: str, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two views of ``n`` inputs of the method's modality."""
+    if _is_image(name):
+        return _views(seed, n)
+    return tuple(REGISTRY[name].example_views(n, seed=seed, size=SIZE))
 
 
 # ----------------------------------------------------------------------------- collective checks
@@ -90,9 +106,9 @@ def _collectives_worker(rank: int, world: int) -> dict:
     # Every registered method under DDP, eval mode (BN uses running statistics, so the batch split
     # cannot matter; no random augmentation). float64, so that the comparison is elementwise to 1e-5
     # and not limited by float32 summation order.
-    x1, x2 = (v.double() for v in _views(1, WORLD * B))
     out["steps"] = {}
     for name in NAMES:
+        x1, x2 = (v.double() for v in _method_views(name, 1, WORLD * B))
         torch.manual_seed(0)
         model = _registered(name).double().eval()
         ddp = nn.parallel.DistributedDataParallel(_StepModule(model))
@@ -146,7 +162,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(collectives, name
     index on rank 1)."""
     torch.manual_seed(0)
     model = _registered(name).double().eval()
-    x1, x2 = (v.double() for v in _views(1, WORLD * B))
+    x1, x2 = (v.double() for v in _method_views(name, 1, WORLD * B))
     out = model.training_step(([x1, x2], None), 0)
     loss = out["loss"] if isinstance(out, dict) else out
     loss.backward()
@@ -271,9 +287,13 @@ def _fit_and_resume(name: str, world: int, root: str, steps: int, more_steps: in
             default_root_dir=root,
             callbacks=[recorder],
         )
+        if _is_image(name):
+            datamodule = RandomTwoViewDataModule(batch_size=B, image_size=SIZE)
+        else:
+            datamodule = ExampleViewsDataModule(REGISTRY[name], num_samples=64, batch_size=B, shuffle=True)
         trainer.fit(
             model,
-            datamodule=RandomTwoViewDataModule(batch_size=B, image_size=SIZE),
+            datamodule=datamodule,
             ckpt_path=ckpt if phase == "resumed" else None,
         )
         if phase == "first":

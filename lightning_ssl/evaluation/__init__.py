@@ -1,4 +1,5 @@
-"""Evaluation of frozen representations."""
+"""Evaluation of frozen representations (images: kNN, linear, fine-tuning, segmentation; speech: speaker
+identification and verification)."""
 
 from lightning_ssl.evaluation.baselines import calibrate_norm_statistics
 from lightning_ssl.evaluation.export import export_backbone, load_encoder, load_torchvision_model
@@ -6,6 +7,16 @@ from lightning_ssl.evaluation.finetune import FineTuning, labeled_fraction_subse
 from lightning_ssl.evaluation.knn import extract_features, few_labels_subset, knn_accuracy, weighted_knn_predict
 from lightning_ssl.evaluation.linear import EncoderChangedError, LinearEvaluation
 from lightning_ssl.evaluation.segmentation import FCN8s, SegmentationModule, mean_iou
+from lightning_ssl.evaluation.speaker import (
+    equal_error_rate,
+    make_trials,
+    min_dcf,
+    read_trials,
+    speaker_id_accuracy,
+    split_per_speaker,
+    utterance_embeddings,
+    verification_metrics,
+)
 
 __all__ = [
     "calibrate_norm_statistics",
@@ -23,4 +34,12 @@ __all__ = [
     "FCN8s",
     "SegmentationModule",
     "mean_iou",
+    "utterance_embeddings",
+    "split_per_speaker",
+    "speaker_id_accuracy",
+    "make_trials",
+    "read_trials",
+    "equal_error_rate",
+    "min_dcf",
+    "verification_metrics",
 ]

@@ -14,6 +14,10 @@ weights, to pass as a method's ``backbone`` (then export with ``--arch``).
 
 ``load_encoder(path)`` returns ``(encoder, feature_dim)`` from a method's checkpoint, an exported
 file, or any torchvision state_dict (e.g. supervised ImageNet weights saved locally).
+
+Audio methods (``CPCAudio``, ``encoder_spec()["modality"] == "audio"``) have no torchvision model:
+their export is the ``CPCAudioEncoder``'s state_dict (convolutions and GRU), which loads with
+``strict=True`` into ``CPCAudioEncoder(**spec["audio_encoder"])``; ``load_encoder`` rebuilds it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 import torchvision
 from torch import nn
 
+from lightning_ssl.audio_encoders import CPCAudioEncoder
 from lightning_ssl.backbones import (
     CLASSIFIER_ATTRS,
     PooledBackbone,
@@ -62,9 +67,15 @@ def _is_lightning_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj
 
 
+def _is_audio(spec: dict) -> bool:
+    return spec.get("modality") == "audio"
+
+
 def encoder_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
-    """The online encoder's weights of a Lightning checkpoint, with torchvision key names."""
-    state = {k[len(_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(_PREFIX)}
+    """The online encoder's weights of a Lightning checkpoint, with torchvision key names (for an
+    audio method: the ``CPCAudioEncoder``'s own key names)."""
+    prefix = "backbone." if _is_audio(encoder_spec(ckpt)) else _PREFIX
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not state:
         raise ValueError(
             f"no '{_PREFIX}*' weights in the checkpoint: it was not written by an lightning_ssl method "
@@ -143,6 +154,13 @@ def export_backbone(
     """
     ckpt = _read_checkpoint(checkpoint)
     spec = encoder_spec(ckpt)
+    if _is_audio(spec):
+        state = encoder_state_dict(ckpt)
+        CPCAudioEncoder(**spec["audio_encoder"]).load_state_dict(state, strict=True)
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, out)
+        return out
     model = _spec_model(spec, _arch(spec, arch, checkpoint), num_classes, seed)
     state = encoder_state_dict(ckpt)
     full = model.state_dict()
@@ -172,6 +190,10 @@ def load_encoder(path: str | Path, arch: str | None = None, small_image: bool = 
     obj = torch.load(path, map_location="cpu", weights_only=False)
     if _is_lightning_checkpoint(obj):
         spec = encoder_spec(obj)
+        if _is_audio(spec):
+            audio = CPCAudioEncoder(**spec["audio_encoder"])
+            audio.load_state_dict(encoder_state_dict(obj), strict=True)
+            return audio, audio.feature_dim
         model = _spec_model(spec, _arch(spec, arch, path))
         dim = strip_classifier(model)
         model.load_state_dict(encoder_state_dict(obj), strict=True)

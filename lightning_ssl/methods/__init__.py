@@ -7,6 +7,7 @@ file in this folder, its import and one ``REGISTRY`` line here, and its configs.
 from lightning_ssl.methods.base import SSLMethod
 from lightning_ssl.methods.byol import BYOL
 from lightning_ssl.methods.cpc import CPC, CPCv2
+from lightning_ssl.methods.cpc_audio import CPCAudio
 from lightning_ssl.methods.moco import MoCo, MoCoV2
 from lightning_ssl.methods.registry import MethodEntry
 from lightning_ssl.methods.simclr import SimCLR
@@ -14,6 +15,7 @@ from lightning_ssl.methods.simclr import SimCLR
 _HEAD = {"projection_dim": 16}
 _CPC_SMALL = {"patch_size": 4, "patch_stride": 2, "embedding_dim": 16, "context_hidden_dim": 16, "context_blocks": 2}
 _CPC_CIFAR = {"patch_size": 8, "patch_stride": 4, "grid_size": 7}
+_AUDIO = {"modality": "audio", "configs": ("librispeech", "synthetic"), "named_backbone": {"backbone": "cpc"}}
 
 REGISTRY: dict[str, MethodEntry] = {
     "simclr": MethodEntry(SimCLR, small={**_HEAD, "projection_hidden_dim": 32}),
@@ -22,6 +24,7 @@ REGISTRY: dict[str, MethodEntry] = {
     "byol": MethodEntry(BYOL, small={**_HEAD, "projection_hidden_dim": 32}),
     "cpc": MethodEntry(CPC, small=_CPC_SMALL, cifar=_CPC_CIFAR),
     "cpcv2": MethodEntry(CPCv2, small=_CPC_SMALL, cifar=_CPC_CIFAR),
+    "cpc_audio": MethodEntry(CPCAudio, small={"encoder_dim": 32, "context_dim": 16, "prediction_steps": 3}, **_AUDIO),
 }
 
 __all__ = ["SSLMethod", "MethodEntry", "REGISTRY", *(entry.cls.__name__ for entry in REGISTRY.values())]

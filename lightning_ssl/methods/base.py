@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import io
 import math
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -36,6 +37,9 @@ from lightning_ssl.evaluation.baselines import calibrate_norm_statistics
 from lightning_ssl.evaluation.knn import extract_features, knn_accuracy
 from lightning_ssl.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_lambda, scaled_lr, split_weight_decay
 from lightning_ssl.rng import capture_rng_states, restore_rng_states
+
+# validation_step serves `lightning-ssl validate` (kNN); a fit without a validation loader is the normal case
+warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
 
 __all__ = ["SSLMethod", "checkpoint_method", "VIEW_BATCHING"]
 
@@ -142,7 +146,7 @@ class SSLMethod(pl.LightningModule):
         if view_batching not in VIEW_BATCHING:
             raise ValueError(f"view_batching must be one of {', '.join(VIEW_BATCHING)}; got {view_batching!r}")
         self.view_batching = view_batching
-        self.backbone, self.feature_dim = build_backbone(backbone, small_image=small_image)
+        self.backbone, self.feature_dim = self.build_encoder(backbone, small_image)
         self.small_image = small_image
         self.optim_config = dict(
             optimizer=optimizer,
@@ -157,6 +161,12 @@ class SSLMethod(pl.LightningModule):
         self.channels_last, self.compile_backbone = channels_last, compile_backbone
         self._compiled = False
         self.register_load_state_dict_pre_hook(_rename_legacy_keys)
+
+    def build_encoder(self, backbone: str | nn.Module, small_image: bool) -> tuple[nn.Module, int]:
+        """``(module, feature_dim)`` for the ``backbone`` argument: a torchvision image encoder
+        (``build_backbone``). A method on another modality (``CPCAudio``) overrides it; it runs in
+        ``__init__`` after ``save_hyperparameters``, so ``self.hparams`` holds every argument."""
+        return build_backbone(backbone, small_image=small_image)
 
     @classmethod
     def load_from_checkpoint(
