@@ -103,6 +103,10 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+GROUP_KEYS = ("lars_exclude", "lr_scale", "fixed_lr")
+"""Parameter-group keys of ours (see ``SSLMethod.parameter_groups``); the torch optimizers do not see them."""
+
+
 def split_weight_decay(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
     """Two parameter groups: weights with decay; biases and norm parameters without decay or LARS."""
     decay, no_decay, seen = [], [], set()
@@ -147,7 +151,7 @@ def build_optimizer(
     """
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, fused=fused)
-    plain = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
+    plain = [{k: v for k, v in g.items() if k not in GROUP_KEYS} for g in groups]
     impl = {"fused": True} if fused else {"foreach": True}
     if name == "sgd":
         return torch.optim.SGD(plain, lr=lr, momentum=momentum, **impl)

@@ -77,3 +77,28 @@ def test_method_lr_uses_global_batch_and_accumulation(tmp_path):
     )
     trainer.fit(model, RandomTwoViews(num_samples=16, batch_size=8))
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.3 * 16 / 256)
+
+
+def test_parameter_groups_hook_scales_and_fixes_learning_rates(tmp_path):
+    """A method's own groups: ``lr_scale`` multiplies the peak lr; ``fixed_lr`` skips warmup and decay."""
+    from helpers import RandomTwoViews, quiet_trainer
+
+    from lightning_ssl import SimCLR
+
+    class HeadApart(SimCLR):
+        def parameter_groups(self, weight_decay):
+            head = set(map(id, self.projector.parameters()))
+            rest = [p for p in self.parameters() if id(p) not in head]
+            return [
+                {"params": rest, "weight_decay": weight_decay},
+                {"params": list(self.projector.parameters()), "weight_decay": 0.0, "lr_scale": 0.5, "fixed_lr": True},
+            ]
+
+    model = HeadApart(backbone="resnet18", lr=0.2, warmup_epochs=1, schedule="cosine")
+    trainer = quiet_trainer(max_steps=2, default_root_dir=tmp_path)
+    trainer.fit(model, RandomTwoViews(num_samples=16, batch_size=8))  # 2 steps per epoch: warmup is 2 steps
+    rest, head = trainer.optimizers[0].param_groups
+    assert rest["lr"] == pytest.approx(0.2 * 1.0)  # after 2 steps: end of warmup, cosine at its peak
+    assert head["lr"] == pytest.approx(0.1) and head["initial_lr"] == pytest.approx(0.1)
+    assert "lr_scale" in head  # our keys stay in the group (the checkpoint keeps them) ...
+    assert not any(k in trainer.optimizers[0].defaults for k in ("lr_scale", "fixed_lr"))  # ... not the defaults

@@ -384,12 +384,25 @@ class SSLMethod(pl.LightningModule):
         self.check_training_data()
         lr = cfg["lr"] if cfg["lr"] is not None else scaled_lr(cfg["base_lr"], self.global_batch_size())
         warmup_steps = int(round(cfg["warmup_epochs"] * self.steps_per_epoch()))
-        groups = split_weight_decay([self], cfg["weight_decay"])
+        groups = [g for g in self.parameter_groups(cfg["weight_decay"]) if g["params"]]
+        for group in groups:  # a group's own peak lr: the scaled lr times its lr_scale
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         optimizer = build_optimizer(cfg["optimizer"], groups, lr=lr, momentum=cfg["momentum"], fused=cfg["fused"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_lambda(step, total_steps, warmup_steps, cfg["schedule"])
-        )
+        # LambdaLR keeps a multiplier per group (scheduler checkpoints store no functions, only the step)
+        scheduled = lambda step: lr_lambda(step, total_steps, warmup_steps, cfg["schedule"])  # noqa: E731
+        lambdas = [(lambda step: 1.0) if g.get("fixed_lr") else scheduled for g in groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """The optimizer's parameter groups; a method overrides this to treat some parameters apart.
+
+        Each group is a dict with ``params`` and ``weight_decay``, and optionally ``lars_exclude`` (no
+        LARS trust ratio), ``lr_scale`` (its peak lr is the method's lr times this) and ``fixed_lr``
+        (no warmup or decay: SimSiam's predictor). The default: weights with decay; biases and norm
+        parameters without decay or LARS adaptation (the LARS papers' and SimCLR's choice).
+        """
+        return split_weight_decay([self], weight_decay)
 
     # ------------------------------------------------------------------ validate / predict
     def on_validation_epoch_start(self) -> None:
