@@ -28,6 +28,7 @@ from torch import nn
 
 from benchmarks.common import (
     CIFAR_ROOT,
+    IMAGE_METHODS,
     add_common_args,
     apply_threads,
     cifar10,
@@ -107,7 +108,7 @@ def run_method(name: str, args, dm) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="+", default=["simclr", "mocov2", "byol"], choices=sorted(REGISTRY))
+    p.add_argument("--methods", nargs="+", default=["simclr", "mocov2", "byol"], choices=IMAGE_METHODS)
     p.add_argument("--backbone", default="resnet18", help="torchvision model name")
     p.add_argument(
         "--small-image",

@@ -15,10 +15,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from lightning_ssl import REGISTRY
 from lightning_ssl.datamodules import CIFAR10DataModule
 
 __all__ = [
     "CIFAR_ROOT",
+    "IMAGE_METHODS",
     "add_common_args",
     "apply_threads",
     "header",
@@ -27,6 +29,9 @@ __all__ = [
     "quiet_trainer",
     "cifar10",
 ]
+
+IMAGE_METHODS = sorted(name for name, entry in REGISTRY.items() if entry.modality == "image")
+"""The registered methods on images (the image benchmarks' choices)."""
 
 CIFAR_ROOT = Path(os.environ.get("LIGHTNING_SSL_CIFAR10", Path.home() / ".cache" / "lightning-ssl" / "cifar10-jpg"))
 

@@ -23,7 +23,7 @@ import time
 import pytorch_lightning as pl
 import torch
 
-from benchmarks.common import CIFAR_ROOT, add_common_args, header, print_table, write_json
+from benchmarks.common import CIFAR_ROOT, IMAGE_METHODS, add_common_args, header, print_table, write_json
 from lightning_ssl import REGISTRY
 from lightning_ssl.datamodules import CIFAR10DataModule, InMemoryDataModule
 from lightning_ssl.datamodules.augmentations import CIFAR10_MEAN, CIFAR10_STD
@@ -134,7 +134,7 @@ def run(name: str, args, dm) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="+", default=["simclr", "byol", "mocov2"], choices=sorted(REGISTRY))
+    p.add_argument("--methods", nargs="+", default=["simclr", "byol", "mocov2"], choices=IMAGE_METHODS)
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=2, help="the last one is timed (the first includes warm-up)")

@@ -34,7 +34,7 @@ import time
 import pytorch_lightning as pl
 import torch
 
-from benchmarks.common import add_common_args, apply_threads, header, print_table, write_json
+from benchmarks.common import IMAGE_METHODS, add_common_args, apply_threads, header, print_table, write_json
 from lightning_ssl import REGISTRY
 from lightning_ssl.callbacks import EMAUpdate
 from lightning_ssl.contracts import HasEMATargets, HasQueue
@@ -247,7 +247,7 @@ def verify(args) -> bool:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="+", default=["simclr", "mocov2", "byol"], choices=sorted(REGISTRY))
+    p.add_argument("--methods", nargs="+", default=["simclr", "mocov2", "byol"], choices=IMAGE_METHODS)
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--image-size", type=int, default=32, help="<= 64 uses the CIFAR stem (small_image=True)")
     p.add_argument("--batch-size", type=int, default=128)

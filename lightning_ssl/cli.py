@@ -27,6 +27,7 @@ import argparse
 import difflib
 import importlib
 import inspect
+import logging
 import os
 import re
 import shutil
@@ -196,6 +197,16 @@ def speaker_eval_main(argv: list[str]) -> dict[str, float]:
     return results
 
 
+def _quiet_lightning_tips() -> None:
+    """Drops pytorch-lightning's advertisements ("💡 Tip: ... try installing litlogger") from the terminal."""
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(getattr(f, "lightning_ssl_tips", False) for f in logger.filters):
+        tip_filter = logging.Filter()
+        tip_filter.filter = lambda record: not str(record.msg).startswith("💡 Tip")
+        tip_filter.lightning_ssl_tips = True
+        logger.addFilter(tip_filter)
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["export"]:
@@ -204,6 +215,7 @@ def main(args: list[str] | None = None) -> None:
         speaker_eval_main(argv[1:])
         return None
     SSLCLI.trainer_instance = None
+    _quiet_lightning_tips()
     try:
         SSLCLI(
             SSLMethod,

@@ -40,6 +40,8 @@ from lightning_ssl.rng import capture_rng_states, restore_rng_states
 
 # validation_step serves `lightning-ssl validate` (kNN); a fit without a validation loader is the normal case
 warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
+# pytorch-lightning's own use of a deprecated torch.utils._pytree API, printed at every fit; nothing a user can act on
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 __all__ = ["SSLMethod", "checkpoint_method", "VIEW_BATCHING"]
 
