@@ -49,7 +49,7 @@ def load_images(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
                 f"images held in memory must share one size: image {i} is {image.size[0]}x{image.size[1]}, "
                 f"the first is {w}x{h}; use in_memory=False"
             )
-        images[i] = torch.from_numpy(np.asarray(image, dtype=np.uint8))
+        images[i] = torch.from_numpy(np.array(image, dtype=np.uint8))  # writable copy (no torch warning)
         labels[i] = int(label)
     return images.permute(0, 3, 1, 2).contiguous(), labels
 
