@@ -338,6 +338,16 @@ class AudioFolderDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def val_dataloader(self) -> list:
+        """None while fitting (``SpeakerVerificationMonitor`` evaluates there). ``validate``'s kNN top-1
+        assumes the validation classes are the training classes, which held-out speakers are not."""
+        if self.trainer is not None and self.trainer.state.fn == "validate":
+            raise ValueError(
+                "validate scores image kNN top-1; for a CPCAudio checkpoint run "
+                "`lightning-ssl speaker-eval CKPT ROOT` (EER and minDCF on held-out speakers)"
+            )
+        return []
+
     def labeled_dataloader(self, split: str) -> DataLoader:
         """``(waveforms, speakers)`` of ``split`` in dataset order, un-augmented (centered crops)."""
         batch = self.eval_batch_size if self.eval_crop_samples is not None else 1

@@ -292,6 +292,17 @@ def test_cli_fit_with_the_synthetic_config_on_a_generated_tree(tmp_path, capsys)
     printed = capsys.readouterr().out
     assert "trials=36" in printed and "speaker_id=" in printed
 
+    # validate (image kNN) names the command that evaluates speakers, in one line
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(
+            [
+                "validate", "--config", str(REPO / "configs" / "cpc_audio_synthetic.yaml"),
+                "--data.init_args.root", str(tmp_path / "corpus" / "train"), "--ckpt_path", str(ckpt),
+                "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            ]
+        )  # fmt: skip
+    assert exit_info.value.code == 1 and "lightning-ssl speaker-eval" in capsys.readouterr().err
+
 
 def test_configs_hold_what_their_headers_state():
     import yaml
