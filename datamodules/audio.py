@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_ssl.datamodules.resumable import ResumableDataLoader
 from lightning_ssl.datamodules.two_views import split_key
+from lightning_ssl.datamodules.unreadable import load_skipping_unreadable, summarize
 
 __all__ = ["AudioFolder", "AudioFolderDataModule", "load_audio", "AUDIO_EXTENSIONS", "AUDIO_LAYOUT_HINT"]
 
@@ -46,7 +47,6 @@ AUDIO_LAYOUT_HINT = (
     "expected layout: <root>/<speaker>/<chapter>/<utterance>.flac (LibriSpeech, e.g. "
     "LibriSpeech/train-clean-100/19/198/19-198-0001.flac) or <root>/<speaker>/<utterance>.wav"
 )
-_MAX_NAMED = 10
 
 
 def _soundfile():
@@ -78,11 +78,6 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     if data.shape[0] == 0:
         raise ValueError(f"{path} holds no samples")
     return resample(data.mean(axis=1), int(rate), sample_rate)
-
-
-def _summarize(items: Sequence[str]) -> str:
-    names = ", ".join(str(p) for p in items[:_MAX_NAMED])
-    return names + (f" and {len(items) - _MAX_NAMED} more" if len(items) > _MAX_NAMED else "")
 
 
 def fit_length(waveform: np.ndarray, length: int, start: int | None = None) -> np.ndarray:
@@ -140,7 +135,7 @@ class AudioFolder(Dataset):
         missing = [s for s in speakers if not (self.root / s).is_dir()]
         if missing:
             raise FileNotFoundError(
-                f"speaker folder(s) missing in {self.root}: {_summarize(missing)}; {AUDIO_LAYOUT_HINT}"
+                f"speaker folder(s) missing in {self.root}: {summarize(missing)}; {AUDIO_LAYOUT_HINT}"
             )
         self.speakers = list(speakers)
         samples: list[tuple[str, int]] = []
@@ -158,7 +153,7 @@ class AudioFolder(Dataset):
                     samples.append((path, label))
                     kept += 1
         if skipped:
-            message = f"{len(skipped)} file(s) in {self.root} are not readable audio: {_summarize(skipped)}"
+            message = f"{len(skipped)} file(s) in {self.root} are not readable audio: {summarize(skipped)}"
             if strict:
                 raise ValueError(message + " (strict=True; remove them or pass strict=False to skip them)")
             warnings.warn(message + "; skipped", stacklevel=2)
@@ -194,23 +189,16 @@ class AudioFolder(Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
         """The mono waveform at ``index`` (or the next readable one) and its speaker label."""
-        for attempt in range(self.max_retries + 1):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                return load_audio(path, self.sample_rate), label
-            except _decode_errors() as err:
-                if self.strict:
-                    raise ValueError(f"cannot decode audio {path}: {type(err).__name__}: {err} (strict=True)") from err
-                if path not in self.bad_files:
-                    self.bad_files.append(path)
-                    warnings.warn(
-                        f"cannot decode audio {path} ({type(err).__name__}: {err}); replaced by another utterance "
-                        f"({len(self.bad_files)} unreadable file(s) so far in this process)",
-                        stacklevel=2,
-                    )
-        raise RuntimeError(
-            f"{self.max_retries + 1} consecutive unreadable files from {self.samples[index][0]}: "
-            f"{_summarize(self.bad_files)}; check the dataset at {self.root}"
+        return load_skipping_unreadable(
+            self.samples,
+            index,
+            lambda path: load_audio(path, self.sample_rate),
+            _decode_errors(),
+            kind="audio",
+            bad_files=self.bad_files,
+            strict=self.strict,
+            max_retries=self.max_retries,
+            root=self.root,
         )
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:

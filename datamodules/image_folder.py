@@ -25,11 +25,12 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from lightning_ssl.datamodules.unreadable import load_skipping_unreadable, summarize
+
 __all__ = ["RobustImageFolder", "load_rgb", "IMAGE_EXTENSIONS", "LAYOUT_HINT"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 LAYOUT_HINT = "expected layout: <root>/<split>/<class>/<image>.jpg, e.g. imagenet/train/n01440764/n01440764_10026.JPEG"
-_MAX_NAMED = 10  # bad files named in a warning or error
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -66,12 +67,6 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
         return img.convert("RGB") if mode != "RGB" else img  # pixels stay loaded after the file closes
-
-
-def _summarize(paths: Sequence[str]) -> str:
-    names = ", ".join(str(p) for p in paths[:_MAX_NAMED])
-    more = f" and {len(paths) - _MAX_NAMED} more" if len(paths) > _MAX_NAMED else ""
-    return names + more
 
 
 class RobustImageFolder(Dataset):
@@ -112,7 +107,7 @@ class RobustImageFolder(Dataset):
             classes = list(classes)
             missing = [c for c in classes if not (self.root / c).is_dir()]
             if missing:
-                raise FileNotFoundError(f"class folder(s) missing in {self.root}: {_summarize(missing)}; {LAYOUT_HINT}")
+                raise FileNotFoundError(f"class folder(s) missing in {self.root}: {summarize(missing)}; {LAYOUT_HINT}")
         self.classes = list(classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
@@ -126,7 +121,7 @@ class RobustImageFolder(Dataset):
                 else:
                     skipped.append(f"{path} ({reason})")
         if skipped:
-            message = f"{len(skipped)} file(s) in {self.root} are not readable images: {_summarize(skipped)}"
+            message = f"{len(skipped)} file(s) in {self.root} are not readable images: {summarize(skipped)}"
             if strict:
                 raise ValueError(message + " (strict=True; remove them or pass strict=False to skip them)")
             warnings.warn(message + "; skipped", stacklevel=2)
@@ -136,7 +131,7 @@ class RobustImageFolder(Dataset):
             raise FileNotFoundError(f"no readable images under {self.root}; {LAYOUT_HINT}")
         if empty:
             warnings.warn(
-                f"{len(empty)} class folder(s) in {self.root} hold no readable image: {_summarize(empty)}; "
+                f"{len(empty)} class folder(s) in {self.root} hold no readable image: {summarize(empty)}; "
                 "they keep their label index but contribute no samples",
                 stacklevel=2,
             )
@@ -182,23 +177,16 @@ class RobustImageFolder(Dataset):
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         """The RGB image at ``index`` (or the next readable one) and its label."""
-        for attempt in range(self.max_retries + 1):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                return load_rgb(path), label
-            except _DECODE_ERRORS as err:
-                if self.strict:
-                    raise ValueError(f"cannot decode image {path}: {type(err).__name__}: {err} (strict=True)") from err
-                if path not in self.bad_files:
-                    self.bad_files.append(path)
-                    warnings.warn(
-                        f"cannot decode image {path} ({type(err).__name__}: {err}); replaced by another sample "
-                        f"({len(self.bad_files)} unreadable file(s) so far in this process)",
-                        stacklevel=2,
-                    )
-        raise RuntimeError(
-            f"{self.max_retries + 1} consecutive unreadable images from {self.samples[index][0]}: "
-            f"{_summarize(self.bad_files)}; check the dataset at {self.root}"
+        return load_skipping_unreadable(
+            self.samples,
+            index,
+            load_rgb,
+            _DECODE_ERRORS,
+            kind="image",
+            bad_files=self.bad_files,
+            strict=self.strict,
+            max_retries=self.max_retries,
+            root=self.root,
         )
 
     def __getitem__(self, index: int):
