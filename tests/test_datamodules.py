@@ -316,7 +316,7 @@ def test_cli_fit_simclr_on_a_cifar10_tree(cifar_tree, gpu_augment, monkeypatch, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["moco_cifar10", "mocov2_cifar10", "byol_cifar10"])
+@pytest.mark.parametrize("config", ["moco_cifar10", "mocov2_cifar10", "byol_cifar10", "swav_cifar10", "dino_cifar10"])
 def test_cli_fit_other_cifar10_configs(cifar_tree, config, monkeypatch, tmp_path):
     import sys
 
