@@ -1,6 +1,6 @@
 """SwAV (Caron et al. 2020): Sinkhorn-Knopp and the swapped-prediction loss against naive float64 loops,
-the codes' row and column sums, Sinkhorn over two gloo processes equal to one process, prototypes frozen
-and normalized, the queue."""
+the codes' row and column sums, prototypes frozen and normalized, the queue. (Sinkhorn over two gloo
+processes equal to one process: tests/test_distributed.py, with the helpers here.)"""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 from conftest import TinyConvNet
-from dist_utils import run_distributed
 from helpers import RandomTwoViews, quiet_trainer
 
 from lightning_ssl import SwAV
@@ -75,17 +74,14 @@ def test_swav_loss_matches_the_naive_loop(views, coded, b, k):
     assert loss.item() == pytest.approx(naive_swav_loss(scores, codes, 0.1), rel=1e-10)
 
 
-def _sinkhorn_worker(rank: int, world: int) -> torch.Tensor:
-    scores = torch.randn(8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return sinkhorn_knopp(scores[rank * 4 : (rank + 1) * 4], 0.05, 3)
+def sinkhorn_scores() -> torch.Tensor:
+    """The global batch of the two-process check (tests/test_distributed.py)."""
+    return torch.randn(8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
-@pytest.mark.distributed
-def test_sinkhorn_over_two_processes_equals_one_process_with_the_global_batch():
-    parts = run_distributed(_sinkhorn_worker, 2)
-    scores = torch.randn(8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    torch.testing.assert_close(torch.cat(parts), sinkhorn_knopp(scores, 0.05, 3))
-    assert not torch.allclose(parts[0], sinkhorn_knopp(scores[:4], 0.05, 3))  # a local Sinkhorn would differ
+def sinkhorn_on_half(rank: int) -> torch.Tensor:
+    """Run in each of two processes: the codes of this process's half of ``sinkhorn_scores()``."""
+    return sinkhorn_knopp(sinkhorn_scores()[rank * 4 : (rank + 1) * 4], 0.05, 3)
 
 
 def _model(**kwargs) -> SwAV:
