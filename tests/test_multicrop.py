@@ -85,3 +85,20 @@ def test_on_device_default_makes_each_view_in_its_own_call_as_before():
     assert all(torch.equal(p, q) for p, q in zip(a, b))
     grouped_views = grouped(images, generator=torch.Generator().manual_seed(3))
     assert [tuple(v.shape) for v in grouped_views] == [(4, 3, 32, 32)] * 2
+
+
+@pytest.mark.parametrize("gpu_augment", [False, True])
+def test_swav_and_dino_fit_on_multi_crop_batches(tmp_path, gpu_augment):
+    from conftest import TinyConvNet
+    from helpers import quiet_trainer
+
+    from lightning_ssl import DINO, SwAV
+
+    for method in (
+        SwAV(TinyConvNet(), projection_hidden_dim=16, projection_dim=8, num_prototypes=6, warmup_epochs=0),
+        DINO(TinyConvNet(), out_dim=16, head_hidden_dim=16, head_bottleneck_dim=8, warmup_epochs=0),
+    ):
+        dm = _datamodule(gpu_augment=gpu_augment, local_crops=3, local_size=12)
+        trainer = quiet_trainer(max_steps=2, default_root_dir=tmp_path)
+        trainer.fit(method, dm)
+        assert trainer.global_step == 2
