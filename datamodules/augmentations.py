@@ -32,6 +32,13 @@ Presets (``preset(name, image_size, strength, small_image)``):
 
 ``strength`` scales the jitter magnitudes (SimCLR's ``s``); ``small_image=True`` drops the blur (as
 SimCLR does on CIFAR-10, appendix B.9).
+
+Multi-crop (Caron et al. 2020, SwAV, sec. 3.2; used by DINO): ``multi_crop(views, ...)`` turns a
+recipe's views into K global views (the recipe's, cycled, optionally with their own crop scale) and M
+local views of their own size and scale, e.g. SwAV's 2 x 224 (scale 0.14-1) + 6 x 96 (0.05-0.14) or
+DINO's 2 x 224 (0.4-1) + N x 96 (0.05-0.4). A local view is the first global view with its size and
+scale replaced, blur with probability at most 0.5 and no solarization (DINO's local views; SwAV
+blurs every crop with p = 0.5). ``global_crops=2, local_crops=0`` returns the recipe unchanged.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from torchvision.transforms import v2
 __all__ = [
     "ViewConfig",
     "preset",
+    "multi_crop",
     "PRESETS",
     "cpu_view_transform",
     "tensor_view_transform",
@@ -241,6 +249,38 @@ def preset(
     if small_image:
         views = [v.replace(blur_p=0.0) for v in views]
     return views
+
+
+def multi_crop(
+    views: list[ViewConfig],
+    global_crops: int = 2,
+    local_crops: int = 0,
+    local_size: int = 96,
+    global_scale: tuple[float, float] | None = None,
+    local_scale: tuple[float, float] = (0.05, 0.4),
+) -> list[ViewConfig]:
+    """``global_crops`` global views (``views`` cycled: BYOL's asymmetric pair stays a pair; crop scale
+    ``global_scale`` when given) followed by ``local_crops`` local views of side ``local_size`` and crop
+    scale ``local_scale`` (see the module docstring). The defaults return ``views`` unchanged (two views)."""
+    if global_crops < 1 or local_crops < 0:
+        raise ValueError(f"need global_crops >= 1 and local_crops >= 0, got {global_crops} and {local_crops}")
+    if global_crops + local_crops < 2:
+        raise ValueError("multi-view pretraining needs at least two views (global_crops + local_crops >= 2)")
+    globals_ = [views[i % len(views)] for i in range(global_crops)]
+    if global_scale is not None:
+        globals_ = [v.replace(scale=tuple(global_scale)) for v in globals_]
+    if local_crops == 0:
+        return globals_
+    first = views[0]
+    blur_p = min(first.blur_p, 0.5)
+    local = first.replace(
+        size=local_size,
+        scale=tuple(local_scale),
+        blur_p=blur_p,
+        blur_kernel=blur_kernel_size(local_size) if blur_p > 0 else first.blur_kernel,
+        solarize_p=0.0,
+    )
+    return globals_ + [local] * local_crops
 
 
 def cpu_view_transform(cfg: ViewConfig) -> T.Compose:

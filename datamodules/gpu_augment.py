@@ -270,13 +270,24 @@ class GPUAugment(nn.Module):
     ``forward(images, sizes, generator)``: ``images`` is ``N x 3 x S x S`` uint8; ``sizes`` is ``N x 2``
     with each image's original ``(height, width)`` (``None``: the images are their original size);
     ``generator`` (on the images' device) draws the parameters, default the global RNG.
+
+    ``group_identical=True`` makes a run of consecutive equal configs (multi-crop's local views) in one
+    batched call over ``k x N`` images, one resolution at a time; each view still gets its own
+    parameters, from the same distributions. Off (the default), each view is made by its own call.
     """
 
-    def __init__(self, views: Sequence[ViewConfig]):
+    def __init__(self, views: Sequence[ViewConfig], group_identical: bool = False):
         super().__init__()
         if len(views) < 1:
             raise ValueError("GPUAugment needs at least one ViewConfig")
-        self.views = nn.ModuleList(ViewAugment(v) for v in views)
+        runs: list[list] = []  # [config, count]
+        for v in views:
+            if group_identical and runs and runs[-1][0] == v:
+                runs[-1][1] += 1
+            else:
+                runs.append([v, 1])
+        self.views = nn.ModuleList(ViewAugment(v) for v, _ in runs)
+        self.counts = [k for _, k in runs]
 
     @torch.no_grad()
     def forward(
@@ -291,4 +302,11 @@ class GPUAugment(nn.Module):
         else:
             sizes = sizes.to(x.device)
             heights, widths = sizes[:, 0], sizes[:, 1]
-        return [view.apply(x, heights, widths, view.sample_params(heights, widths, generator)) for view in self.views]
+        out: list[torch.Tensor] = []
+        for view, k in zip(self.views, self.counts):
+            if k == 1:
+                out.append(view.apply(x, heights, widths, view.sample_params(heights, widths, generator)))
+                continue
+            xs, hs, ws = x.repeat(k, 1, 1, 1), heights.repeat(k), widths.repeat(k)
+            out.extend(view.apply(xs, hs, ws, view.sample_params(hs, ws, generator)).chunk(k))
+        return out

@@ -28,6 +28,7 @@ from lightning_ssl.datamodules.augmentations import (
     ViewConfig,
     cpu_view_transform,
     eval_transform,
+    multi_crop,
     preset,
     tensor_eval_transform,
     tensor_view_transform,
@@ -139,6 +140,14 @@ class TwoViewDataModule(pl.LightningDataModule):
         mean, std: normalization of every view and of the evaluation images.
         pin_memory: default: when CUDA is available.
         predict_split: the split ``lightning-ssl predict`` embeds.
+
+    Multi-crop (``augmentations.multi_crop``; Caron et al. 2020): methods receive the global views
+    first, then the local ones.
+        global_crops: number of views of side ``image_size`` (the recipe's views, cycled).
+        local_crops: number of views of side ``local_size`` (0: none, the recipe's two views).
+        local_size: side of the local views (96 in SwAV and DINO at 224).
+        global_scale: crop scale of the global views (default: the recipe's).
+        local_scale: crop scale of the local views.
     """
 
     tensor_images = False  # True: _base_dataset yields uint8 tensors instead of PIL images
@@ -161,6 +170,11 @@ class TwoViewDataModule(pl.LightningDataModule):
         std: tuple[float, float, float] = IMAGENET_STD,
         pin_memory: bool | None = None,
         predict_split: str = "val",
+        global_crops: int = 2,
+        local_crops: int = 0,
+        local_size: int = 96,
+        global_scale: tuple[float, float] | None = None,
+        local_scale: tuple[float, float] = (0.05, 0.4),
     ):
         super().__init__()
         # every constructor argument of the class chain, for the run config (RunSummary logs them as data/...;
@@ -177,14 +191,18 @@ class TwoViewDataModule(pl.LightningDataModule):
         if predict_split not in ("train", "val"):
             raise ValueError(f"predict_split must be 'train' or 'val', got {predict_split!r}")
         self.predict_split = predict_split
-        self.views: list[ViewConfig] = preset(augmentation, image_size, strength, small_image, mean, std)
+        recipe = preset(augmentation, image_size, strength, small_image, mean, std)
+        self.views: list[ViewConfig] = multi_crop(
+            recipe, global_crops, local_crops, local_size, global_scale, local_scale
+        )
+        self.global_crops, self.local_crops = global_crops, local_crops
         self.gpu_augment = gpu_augment
         # default: the views' size x 8/7 (256 for 224-pixel views), as the evaluation resize
         self.gpu_load_size = gpu_load_size or round(image_size * 8 / 7)
         self.eval_resize, self.eval_crop = eval_resize, eval_crop
         self.mean, self.std = tuple(mean), tuple(std)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.augmenter = GPUAugment(self.views) if gpu_augment else None
+        self.augmenter = self._make_augmenter() if gpu_augment else None
         self._augment_generator: torch.Generator | None = None
         self._batch_seed = -1
 
@@ -247,10 +265,14 @@ class TwoViewDataModule(pl.LightningDataModule):
         from the batch's first sample (so views depend on the samples only, as on the CPU path)."""
         if isinstance(batch, dict) and UINT8_KEY in batch:
             images = batch[UINT8_KEY]
-            augmenter = self.augmenter or GPUAugment(self.views)
+            augmenter = self.augmenter or self._make_augmenter()
             self.augmenter = augmenter.to(images.device)
             return self.augmenter(images, batch["sizes"], self._generator(images.device)), batch["target"]
         return batch
+
+    def _make_augmenter(self) -> GPUAugment:
+        """The on-device augmenter; multi-crop's local views are made in one batched call."""
+        return GPUAugment(self.views, group_identical=self.local_crops > 0)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """The on-device augmentation generator, seeded for this batch (a fresh seed per call outside a

@@ -5,12 +5,23 @@
 ``nn.Identity``; convolutional outputs are average-pooled. ``small_image=True`` gives ResNets the
 CIFAR stem used by SimCLR (Chen et al. 2020, appendix B.9): a 3x3 stride-1 first convolution and
 no max-pool, for 32x32 inputs.
+
+Vision Transformers (Dosovitskiy et al. 2021): torchvision's by name (``vit_b_16``, ``vit_l_16``, ...)
+or as a ``torchvision.models.VisionTransformer`` module of any size (``ViTBackbone``: the class token
+after the last layer norm, position embeddings interpolated bicubically for other input sizes, so
+multi-crop's local views work), and timm's models (optional extra ``timm``) as ``"timm:<name>"``
+(ViTs built with ``dynamic_img_size=True``). ``token_features`` gives the class and patch tokens for
+methods that need them; ``vit_parameter_groups`` the optimizer groups with layer-wise lr decay and no
+weight decay on biases, norms, position embeddings and the class token.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
+import math
+import re
 from pathlib import Path
 
 import torch
@@ -26,7 +37,14 @@ __all__ = [
     "infer_feature_dim",
     "CLASSIFIER_ATTRS",
     "batch_norm_to_layer_norm",
+    "ViTBackbone",
+    "token_features",
+    "vit_parameter_groups",
+    "vit_depth",
+    "TIMM_PREFIX",
 ]
+
+TIMM_PREFIX = "timm:"
 
 CLASSIFIER_ATTRS = ("fc", "classifier", "heads", "head")
 
@@ -47,6 +65,141 @@ class PooledBackbone(nn.Module):
         elif out.ndim != 2:
             out = out.flatten(1)
         return out
+
+
+def _interpolate_positions(pos: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> torch.Tensor:
+    """Position embeddings ``1 x (prefix + N) x D`` of a square grid resized (bicubic) to ``grid``."""
+    n = pos.shape[1] - prefix
+    side = int(math.isqrt(n))
+    if (side, side) == tuple(grid):
+        return pos
+    patches = pos[:, prefix:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = nn.functional.interpolate(patches.float(), size=grid, mode="bicubic", align_corners=False)
+    patches = patches.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+    return torch.cat([pos[:, :prefix], patches], dim=1)
+
+
+class ViTBackbone(PooledBackbone):
+    """A torchvision ``VisionTransformer`` as an encoder: ``B x D`` class-token features (after the final
+    layer norm, as torchvision's classifier sees them), for any input size divisible by the patch size
+    (position embeddings interpolated). ``tokens(x)`` returns all ``B x (1 + N) x D`` tokens. The state_dict
+    keys are torchvision's under ``module.``, as for other backbones."""
+
+    def __init__(self, module: torchvision.models.VisionTransformer):
+        super().__init__(module)
+        self.module.heads = nn.Identity()
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        vit = self.module
+        n = x.shape[0]
+        x = vit.conv_proj(x)
+        grid = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([vit.class_token.expand(n, -1, -1), x], dim=1)
+        x = x + _interpolate_positions(vit.encoder.pos_embedding, tuple(grid))
+        return vit.encoder.ln(vit.encoder.layers(vit.encoder.dropout(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens(x)[:, 0]
+
+
+def _timm_model(name: str) -> nn.Module:
+    if importlib.util.find_spec("timm") is None:
+        raise ImportError(f"backbone {TIMM_PREFIX}{name} needs timm: pip install 'lightning-ssl[timm]'")
+    import timm
+
+    try:  # ViTs: any input size (multi-crop's local views)
+        return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+    except TypeError:
+        return timm.create_model(name, pretrained=False, num_classes=0)
+
+
+def token_features(backbone: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cls, patches)``: ``B x D`` and ``B x N x D`` token features of ``images`` from a backbone made by
+    ``build_backbone``: a ViT's class token and patch tokens (torchvision, or timm's ``forward_features``
+    without its prefix tokens), or a convolutional network's pooled features and its last feature map
+    as ``H x W`` tokens."""
+    inner = backbone.module if isinstance(backbone, PooledBackbone) else backbone
+    if isinstance(backbone, ViTBackbone):
+        tokens = backbone.tokens(images)
+        return tokens[:, 0], tokens[:, 1:]
+    if hasattr(inner, "forward_features") and hasattr(inner, "num_prefix_tokens"):  # a timm ViT
+        tokens = inner.forward_features(images)
+        prefix = int(inner.num_prefix_tokens)
+        return tokens[:, 0], tokens[:, prefix:]
+    pool = getattr(inner, "avgpool", None)  # torchvision's CNNs: the map that enters the average pool
+    maps: list[torch.Tensor] = []
+    hook = pool.register_forward_hook(lambda m, i, o: maps.append(i[0])) if isinstance(pool, nn.Module) else None
+    try:
+        out = inner(images)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if maps:
+        out = maps[0]
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if out.ndim != 4:
+        raise ValueError(
+            f"token_features needs a ViT or a network returning feature maps; got shape {tuple(out.shape)}"
+        )
+    return out.mean(dim=(2, 3)), out.flatten(2).transpose(1, 2)
+
+
+_NO_DECAY_NAMES = ("pos_embedding", "pos_embed", "class_token", "cls_token", "dist_token", "reg_token")
+
+
+def vit_depth(backbone: nn.Module) -> int | None:
+    """The number of transformer blocks of a torchvision or timm ViT backbone (``None`` for other networks)."""
+    inner = backbone.module if isinstance(backbone, PooledBackbone) else backbone
+    if isinstance(inner, torchvision.models.VisionTransformer):
+        return len(inner.encoder.layers)
+    blocks = getattr(inner, "blocks", None)
+    if hasattr(inner, "num_prefix_tokens") and isinstance(blocks, nn.Sequential):
+        return len(blocks)
+    return None
+
+
+def _vit_layer(name: str, depth: int) -> int:
+    """Layer id of a backbone parameter: 0 embeddings, ``i + 1`` block ``i``, ``depth + 1`` the rest."""
+    match = re.search(r"(?:encoder\.layers\.encoder_layer_|blocks\.)(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    if any(key in name for key in ("conv_proj", "patch_embed", *_NO_DECAY_NAMES)):
+        return 0
+    return depth + 1
+
+
+def vit_parameter_groups(
+    model: nn.Module, backbone: nn.Module, weight_decay: float, layer_decay: float = 1.0
+) -> list[dict]:
+    """Optimizer groups for a method with a ViT ``backbone`` (a submodule of ``model``): layer-wise lr decay
+    (BEiT, Bao et al. 2022; MAE, He et al. 2022): a backbone parameter of layer ``l`` (0 the patch and
+    position embeddings, ``i + 1`` block ``i``, ``depth + 1`` the final norm) gets ``lr_scale =
+    layer_decay ** (depth + 1 - l)``, the method's heads 1; no weight decay (nor LARS adaptation) for
+    biases, norm parameters, position embeddings and class/register tokens. ``layer_decay=1``: no decay."""
+    depth = vit_depth(backbone)
+    if depth is None:
+        raise ValueError("vit_parameter_groups needs a torchvision or timm ViT backbone")
+    in_backbone = {id(p): name for name, p in backbone.named_parameters()}
+    groups: dict[tuple[float, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        bb_name = in_backbone.get(id(p))
+        layer = _vit_layer(bb_name, depth) if bb_name is not None else depth + 1
+        no_decay = p.ndim <= 1 or any(name.endswith(k) for k in _NO_DECAY_NAMES)
+        scale = layer_decay ** (depth + 1 - layer)
+        key = (scale, no_decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lars_exclude": no_decay,
+                "lr_scale": scale,
+            }
+        groups[key]["params"].append(p)
+    return list(groups.values())
 
 
 def strip_classifier(model: nn.Module) -> int | None:
@@ -108,13 +261,20 @@ def build_backbone(
 
     Args:
         backbone: a torchvision classification model name (``"resnet18"``, ``"resnet50"``,
-            ``"efficientnet_b0"``, ...) built with random weights, or any ``nn.Module``.
+            ``"efficientnet_b0"``, ``"vit_b_16"``, ...) built with random weights, a timm model as
+            ``"timm:<name>"`` (e.g. ``"timm:vit_small_patch16_224"``; the ``timm`` extra), or any
+            ``nn.Module`` (a ``torchvision.models.VisionTransformer`` of any size becomes a ``ViTBackbone``).
         small_image: CIFAR stem for ResNets (3x3 stride-1 conv1, no max-pool) for 32x32 inputs.
         feature_dim: the output dimension, when it cannot be inferred from a dummy forward.
         weights_path: a local file with a torchvision state_dict (e.g. supervised ImageNet weights)
             loaded with ``strict=True`` before the classifier is removed. Nothing is downloaded.
     """
-    if isinstance(backbone, str):
+    if isinstance(backbone, str) and backbone.startswith(TIMM_PREFIX):
+        if weights_path is not None:
+            raise ValueError("weights_path is for torchvision models; timm models are built with random weights")
+        model = _timm_model(backbone[len(TIMM_PREFIX) :])
+        inferred = int(model.num_features) if hasattr(model, "num_features") else None
+    elif isinstance(backbone, str):
         available = torchvision.models.list_models(module=torchvision.models)
         if backbone not in available:
             close = difflib.get_close_matches(backbone, available, n=3, cutoff=0.6)
@@ -142,7 +302,11 @@ def build_backbone(
 
     if small_image:
         small_image_stem(model)
-    module = PooledBackbone(model)
+    if isinstance(model, torchvision.models.VisionTransformer):
+        module: nn.Module = ViTBackbone(model)
+        inferred = model.hidden_dim
+    else:
+        module = PooledBackbone(model)
     if feature_dim is None:
         feature_dim = infer_feature_dim(module, 32 if small_image else 224) if inferred is None else inferred
     return module, int(feature_dim)

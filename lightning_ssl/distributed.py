@@ -27,6 +27,7 @@ __all__ = [
     "rank",
     "gather_with_grad",
     "gather_no_grad",
+    "all_reduce_sum",
     "batch_shuffle",
     "batch_unshuffle",
     "launcher_trainer_flags",
@@ -164,3 +165,13 @@ def launcher_trainer_flags(env: Mapping[str, str] | None = None) -> dict[str, An
         if env.get(key):
             flags[flag] = env[key]
     return flags
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over processes (a new tensor; no gradient); ``tensor`` itself in one process."""
+    if not is_distributed() or world_size() == 1:
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out

@@ -5,6 +5,9 @@
 - ``byol_loss``: BYOL's normalized regression 2 - 2 cos(p, z) (Grill et al. 2020, eq. 2).
 - ``cpc_info_nce``: image CPC's InfoNCE over patch vectors (Oord et al. 2018, eq. 4).
 - ``cpc_sequence_info_nce``: CPC's InfoNCE over a sequence (audio, Oord et al. 2018, sec. 3.1 and eq. 4).
+- ``sinkhorn_knopp``, ``swav_loss``: SwAV's codes and swapped prediction (Caron et al. 2020, eq. 1-4).
+- ``dino_loss``, ``dino_center``, ``teacher_temperature``: DINO's cross entropy between teacher and
+  student, its centering and the teacher temperature warm-up (Caron et al. 2021, sec. 3.1, alg. 1).
 
 Each loss computes in float32 with autocast off (``_float32``), so under ``precision="bf16-mixed"``
 (or 16-mixed) the normalization, the similarity logits and the softmax are not rounded to 16 bits;
@@ -19,9 +22,21 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lightning_ssl.distributed import gather_with_grad, rank
+from lightning_ssl.distributed import all_reduce_sum, gather_no_grad, gather_with_grad, rank, world_size
 
-__all__ = ["nt_xent", "moco_info_nce", "byol_loss", "cpc_info_nce", "cpc_sequence_info_nce", "NEGATIVES"]
+__all__ = [
+    "nt_xent",
+    "moco_info_nce",
+    "byol_loss",
+    "cpc_info_nce",
+    "cpc_sequence_info_nce",
+    "NEGATIVES",
+    "sinkhorn_knopp",
+    "swav_loss",
+    "dino_loss",
+    "dino_center",
+    "teacher_temperature",
+]
 
 NEGATIVES = ("batch", "same_sequence")
 
@@ -197,3 +212,106 @@ def cpc_sequence_info_nce(
             positives = torch.arange(k, t, device=targets.device).expand(b, t - k)
             losses.append(F.cross_entropy(logits.reshape(-1, t), positives.reshape(-1)))
     return torch.stack(losses).mean()
+
+
+# --- SwAV, DINO
+
+
+@torch.no_grad()
+@_float32
+def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """SwAV's equipartitioned soft codes (Caron et al. 2020, sec. 3.1 and eq. 3; algorithm of the
+    paper's code): ``Q = exp(scores / epsilon)`` normalized alternately so that each prototype receives
+    ``B / K`` of the mass and each sample a total of 1, ``iterations`` times, over the *global* batch
+    (the sums are all-reduced across processes). Ends on the per-sample normalization, so every row of
+    the result sums to 1 exactly; the prototype sums approach ``B / K`` as ``iterations`` grows.
+
+    Args:
+        scores: ``B x K`` prototype scores of this process's samples (``z^T c``).
+    Returns ``B x K`` codes (no gradient).
+    """
+    # exp(s/eps) up to the global maximum: a constant factor that the first normalization removes
+    peak = gather_no_grad(scores.amax().reshape(1)).amax()
+    q = torch.exp((scores - peak) / epsilon).t()  # K x B
+    k = q.shape[0]
+    b = q.shape[1] * world_size()
+    q = q / all_reduce_sum(q.sum())
+    for _ in range(iterations):
+        q = q / all_reduce_sum(q.sum(dim=1, keepdim=True)) / k  # each prototype: 1 / K of the mass
+        q = q / q.sum(dim=0, keepdim=True) / b  # each sample: 1 / B
+    return (q * b).t()
+
+
+@_float32
+def swav_loss(scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor], temperature: float = 0.1) -> torch.Tensor:
+    """SwAV's swapped prediction (Caron et al. 2020, eq. 1-2, with multi-crop, eq. 4): for each view
+    ``i`` with codes ``codes[i]`` (the global views), the mean over the other views ``v`` of the cross
+    entropy ``-sum_k q_i,k log softmax(scores_v / temperature)_k``, averaged over samples and over ``i``.
+
+    Args:
+        scores: one ``B x K`` tensor of prototype scores per view (global views first).
+        codes: the ``B x K`` codes of the first ``len(codes)`` views (``sinkhorn_knopp``).
+    """
+    if len(codes) < 1 or len(scores) < 2 or len(codes) > len(scores):
+        raise ValueError(f"need >= 2 views and 1..len(views) codes, got {len(scores)} views, {len(codes)} codes")
+    log_p = [F.log_softmax(s / temperature, dim=1) for s in scores]
+    total = scores[0].new_zeros(())
+    for i, q in enumerate(codes):
+        sub = sum(-(q * log_p[v]).sum(dim=1).mean() for v in range(len(scores)) if v != i)
+        total = total + sub / (len(scores) - 1)
+    return total / len(codes)
+
+
+def teacher_temperature(epoch: int, start: float = 0.04, end: float = 0.07, warmup_epochs: int = 30) -> float:
+    """DINO's teacher temperature at ``epoch`` (Caron et al. 2021, sec. 4.1 and the paper's code): linear
+    from ``start`` at epoch 0 to ``end`` at epoch ``warmup_epochs - 1`` (``np.linspace``), then ``end``."""
+    if epoch >= warmup_epochs:
+        return end
+    if warmup_epochs == 1:
+        return start
+    return start + (end - start) * epoch / (warmup_epochs - 1)
+
+
+@_float32
+def dino_loss(
+    student: Sequence[torch.Tensor],
+    teacher: Sequence[torch.Tensor],
+    center: torch.Tensor,
+    student_temperature: float = 0.1,
+    teacher_temperature: float = 0.04,
+) -> torch.Tensor:
+    """DINO's loss (Caron et al. 2021, eq. 1-3 and algorithm 1): for every teacher view ``t`` (the global
+    views) and every student view ``s != t``, ``H(P_t, P_s) = -sum_k P_t,k log P_s,k`` with
+    ``P_t = softmax((g_t - center) / teacher_temperature)`` (no gradient) and
+    ``P_s = softmax(g_s / student_temperature)``, averaged over samples and over the pairs.
+
+    Args:
+        student: one ``B x K`` tensor of student head outputs per view (global views first).
+        teacher: the teacher's ``B x K`` outputs of the global views (their indices among ``student``).
+        center: ``K`` or ``1 x K`` running center of the teacher outputs (``dino_center``).
+    """
+    if len(teacher) < 1 or len(student) < 2 or len(teacher) > len(student):
+        raise ValueError(
+            f"need >= 2 student views and 1..len(student) teacher views, got {len(student)}, {len(teacher)}"
+        )
+    targets = [F.softmax((t.detach() - center.reshape(1, -1)) / teacher_temperature, dim=1) for t in teacher]
+    log_p = [F.log_softmax(s / student_temperature, dim=1) for s in student]
+    total, pairs = student[0].new_zeros(()), 0
+    for i, q in enumerate(targets):
+        for v in range(len(student)):
+            if v != i:
+                total = total + (-(q * log_p[v]).sum(dim=1)).mean()
+                pairs += 1
+    return total / pairs
+
+
+@torch.no_grad()
+@_float32
+def dino_center(center: torch.Tensor, teacher: Sequence[torch.Tensor], momentum: float = 0.9) -> torch.Tensor:
+    """DINO's center update (Caron et al. 2021, eq. 4): ``momentum * center + (1 - momentum) * mean`` of
+    the teacher outputs of all global views over the *global* batch (sums all-reduced across processes).
+    Returns the new ``1 x K`` center."""
+    outputs = torch.cat(list(teacher)).detach()
+    batch_sum = all_reduce_sum(outputs.sum(dim=0, keepdim=True))
+    batch_center = batch_sum / (outputs.shape[0] * world_size())
+    return center.reshape(1, -1) * momentum + batch_center * (1 - momentum)

@@ -204,6 +204,10 @@ CONFIGS = {
     "cpcv2_cifar10": ("CPCv2", "CIFAR10DataModule", "resnet18", "moco_v1", {"bidirectional": True}),
     "cpc_imagenet": ("CPC", "ImageNetDataModule", "resnet50", "moco_v1", {"encoder_norm": "batch"}),
     "cpcv2_imagenet": ("CPCv2", "ImageNetDataModule", "resnet50", "moco_v1", {"encoder_norm": "layer"}),
+    "swav_cifar10": ("SwAV", "CIFAR10DataModule", "resnet18", "simclr", {"queue_length": 3840}),
+    "swav_imagenet": ("SwAV", "ImageNetDataModule", "resnet50", "simclr", {"epsilon": 0.05, "iterations": 3}),
+    "dino_cifar10": ("DINO", "CIFAR10DataModule", "resnet18", "byol", {"student_temperature": 0.1}),
+    "dino_imagenet": ("DINO", "ImageNetDataModule", "vit_b_16", "byol", {"clip_grad": 3.0}),
 }
 
 
@@ -254,7 +258,11 @@ def test_configs_instantiate(name, monkeypatch):
     expected = preset(
         augmentation, 32 if small else 224, 0.5 if name == "simclr_cifar10" else 1.0, small, dm.mean, dm.std
     )
-    assert dm.views == expected
+    if dm.local_crops:  # multi-crop: the recipe's global views at their own scale, then the local views
+        assert len(dm.views) == dm.global_crops + dm.local_crops
+        assert all(v.size == dm.hparams.local_size for v in dm.views[dm.global_crops :])
+        expected = [v.replace(scale=w.scale) for v, w in zip(expected, dm.views)]
+    assert dm.views[: len(expected)] == expected
 
 
 def _fit_args(root, *extra, config="simclr_cifar10"):
@@ -308,7 +316,7 @@ def test_cli_fit_simclr_on_a_cifar10_tree(cifar_tree, gpu_augment, monkeypatch, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["moco_cifar10", "mocov2_cifar10", "byol_cifar10"])
+@pytest.mark.parametrize("config", ["moco_cifar10", "mocov2_cifar10", "byol_cifar10", "swav_cifar10", "dino_cifar10"])
 def test_cli_fit_other_cifar10_configs(cifar_tree, config, monkeypatch, tmp_path):
     import sys
 

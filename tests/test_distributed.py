@@ -22,10 +22,13 @@ from audio_helpers import ExampleViewsDataModule
 from conftest import TinyConvNet
 from dist_utils import LOOPBACK, RandomTwoViewDataModule, free_port, run_distributed
 from helpers import quiet_trainer
+from test_dino import center_on_half, center_teacher
+from test_swav import sinkhorn_on_half, sinkhorn_scores
 from torch import nn
 
 from lightning_ssl import REGISTRY, MoCoV2, SimCLR
 from lightning_ssl.distributed import batch_shuffle, batch_unshuffle, launcher_trainer_flags
+from lightning_ssl.losses import dino_center, sinkhorn_knopp
 
 pytestmark = [
     pytest.mark.distributed,
@@ -142,6 +145,8 @@ def _collectives_worker(rank: int, world: int) -> dict:
     finally:
         moco_module.batch_shuffle = real_shuffle
     out["moco"] = {"keys": keys, **recorded}
+    # SwAV's Sinkhorn codes and DINO's center, each process holding half of a global batch
+    out["sinkhorn"], out["dino_center"] = sinkhorn_on_half(rank), center_on_half(rank)
     if rank == 0:
         out["moco"]["key_encoder"] = {
             "backbone": moco.backbone_ema.state_dict(),
@@ -180,6 +185,24 @@ def test_two_processes_equal_one_process_with_the_global_batch(collectives, name
                 atol=1e-12 * grad.abs().max().item(),
                 msg=lambda m, k=key: f"{k}: {m}",
             )
+
+
+def test_swav_sinkhorn_over_two_processes_equals_one_process_with_the_global_batch(collectives):
+    """The codes of each process's half equal the rows of the one-process codes of the whole batch (the
+    sums are all-reduced); a Sinkhorn over the local half alone would differ."""
+    expected = sinkhorn_knopp(sinkhorn_scores(), 0.05, 3)
+    torch.testing.assert_close(torch.cat([c["sinkhorn"] for c in collectives]), expected)
+    assert not torch.allclose(collectives[0]["sinkhorn"], sinkhorn_knopp(sinkhorn_scores()[:B], 0.05, 3))
+
+
+def test_dino_center_over_two_processes_equals_one_process_with_the_global_batch(collectives):
+    """Both processes hold the center of the whole batch; a per-process mean would differ."""
+    teacher = center_teacher()
+    expected = dino_center(torch.zeros(1, 5, dtype=torch.float64), teacher, 0.9)
+    for c in collectives:
+        torch.testing.assert_close(c["dino_center"], expected)
+    local = dino_center(torch.zeros(1, 5, dtype=torch.float64), [t[:B] for t in teacher], 0.9)
+    assert not torch.allclose(collectives[0]["dino_center"], local)
 
 
 def test_simclr_local_negatives_would_differ():

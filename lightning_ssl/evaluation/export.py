@@ -28,11 +28,13 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torchvision.models import VisionTransformer
 
 from lightning_ssl.audio_encoders import CPCAudioEncoder
 from lightning_ssl.backbones import (
     CLASSIFIER_ATTRS,
     PooledBackbone,
+    ViTBackbone,
     batch_norm_to_layer_norm,
     build_backbone,
     small_image_stem,
@@ -197,7 +199,7 @@ def load_encoder(path: str | Path, arch: str | None = None, small_image: bool = 
         model = _spec_model(spec, _arch(spec, arch, path))
         dim = strip_classifier(model)
         model.load_state_dict(encoder_state_dict(obj), strict=True)
-        encoder: nn.Module = PooledBackbone(model)
+        encoder: nn.Module = ViTBackbone(model) if isinstance(model, VisionTransformer) else PooledBackbone(model)
         if spec.get("patch_grid"):
             encoder = PatchGridEncoder(encoder, **spec["patch_grid"])
         return encoder, int(dim)

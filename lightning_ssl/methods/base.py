@@ -23,7 +23,7 @@ import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 from torch import nn
 
-from lightning_ssl.backbones import build_backbone, reset_parameters
+from lightning_ssl.backbones import build_backbone, reset_parameters, vit_depth, vit_parameter_groups
 from lightning_ssl.callbacks import (
     DivergenceGuard,
     EmbeddingWriter,
@@ -103,6 +103,8 @@ class SSLMethod(pl.LightningModule):
         momentum: the optimizer's (SGD/LARS) momentum.
         warmup_epochs: linear warmup length (fractions allowed).
         schedule: ``cosine``, ``step`` (x0.1 at 60% and 80%) or ``constant``.
+        layer_decay: ViT backbones only: layer-wise lr decay (``backbones.vit_parameter_groups``; 1.0, the
+            default, is none). ViTs' position embeddings and class token get no weight decay.
 
     Fast-path options (none changes what is computed; see ``docs/performance.md``):
         channels_last: keep 4-d weights (hence conv activations) in NHWC memory format, applied in
@@ -135,6 +137,7 @@ class SSLMethod(pl.LightningModule):
         compile_backbone: bool = False,
         fused_optimizer: bool = False,
         view_batching: str = "auto",
+        layer_decay: float = 1.0,
     ):
         super().__init__()
         # Collects the arguments of every __init__ of the class chain (a thin variant passes its
@@ -148,6 +151,9 @@ class SSLMethod(pl.LightningModule):
         if view_batching not in VIEW_BATCHING:
             raise ValueError(f"view_batching must be one of {', '.join(VIEW_BATCHING)}; got {view_batching!r}")
         self.view_batching = view_batching
+        if not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must lie in (0, 1], got {layer_decay}")
+        self.layer_decay = layer_decay
         self.backbone, self.feature_dim = self.build_encoder(backbone, small_image)
         self.small_image = small_image
         self.optim_config = dict(
@@ -402,8 +408,11 @@ class SSLMethod(pl.LightningModule):
         Each group is a dict with ``params`` and ``weight_decay``, and optionally ``lars_exclude`` (no
         LARS trust ratio), ``lr_scale`` (its peak lr is the method's lr times this) and ``fixed_lr``
         (no warmup or decay: SimSiam's predictor). The default: weights with decay; biases and norm
-        parameters without decay or LARS adaptation (the LARS papers' and SimCLR's choice).
+        parameters without decay or LARS adaptation (the LARS papers' and SimCLR's choice); with a ViT
+        backbone, also position embeddings and class token, and layer-wise lr decay (``layer_decay``).
         """
+        if vit_depth(self.backbone) is not None:
+            return vit_parameter_groups(self, self.backbone, weight_decay, self.layer_decay)
         return split_weight_decay([self], weight_decay)
 
     # ------------------------------------------------------------------ validate / predict
