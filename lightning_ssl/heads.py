@@ -17,10 +17,13 @@ from torch import nn
 __all__ = ["mlp"]
 
 
-def mlp(dims: Sequence[int], batch_norm: bool = True, last_batch_norm: bool = False) -> nn.Sequential:
+def mlp(
+    dims: Sequence[int], batch_norm: bool = True, last_batch_norm: bool = False, last_bias: bool = True
+) -> nn.Sequential:
     """A multi-layer perceptron with widths ``dims``; hidden layers get (BN and) ReLU.
 
-    Hidden linear layers have no bias when followed by BN (the BN shift replaces it).
+    Hidden linear layers have no bias when followed by BN (the BN shift replaces it); ``last_bias=False``
+    drops the last layer's bias too (Barlow Twins, VICReg: the loss standardizes or centers it away).
     """
     if len(dims) < 2:
         raise ValueError(f"an MLP needs at least an input and an output width, got {list(dims)}")
@@ -28,7 +31,7 @@ def mlp(dims: Sequence[int], batch_norm: bool = True, last_batch_norm: bool = Fa
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
         last = i == len(dims) - 2
         use_bn = batch_norm and (not last or last_batch_norm)
-        layers.append(nn.Linear(d_in, d_out, bias=not use_bn))
+        layers.append(nn.Linear(d_in, d_out, bias=not use_bn and (last_bias or not last)))
         if use_bn:
             layers.append(nn.BatchNorm1d(d_out, affine=not last))
         if not last:
