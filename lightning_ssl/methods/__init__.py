@@ -11,6 +11,7 @@ from lightning_ssl.methods.cpc_audio import CPCAudio
 from lightning_ssl.methods.moco import MoCo, MoCoV2
 from lightning_ssl.methods.registry import MethodEntry
 from lightning_ssl.methods.simclr import SimCLR
+from lightning_ssl.methods.simsiam import SimSiam
 
 _HEAD = {"projection_dim": 16}
 _CPC_SMALL = {"patch_size": 4, "patch_stride": 2, "embedding_dim": 16, "context_hidden_dim": 16, "context_blocks": 2}
@@ -25,6 +26,7 @@ REGISTRY: dict[str, MethodEntry] = {
     "cpc": MethodEntry(CPC, small=_CPC_SMALL, cifar=_CPC_CIFAR),
     "cpcv2": MethodEntry(CPCv2, small=_CPC_SMALL, cifar=_CPC_CIFAR),
     "cpc_audio": MethodEntry(CPCAudio, small={"encoder_dim": 32, "context_dim": 16, "prediction_steps": 3}, **_AUDIO),
+    "simsiam": MethodEntry(SimSiam, small={**_HEAD, "projection_hidden_dim": 32, "prediction_hidden_dim": 8}),
 }
 
 __all__ = ["SSLMethod", "MethodEntry", "REGISTRY", *(entry.cls.__name__ for entry in REGISTRY.values())]
