@@ -197,9 +197,13 @@ def test_channels_last_gives_the_same_loss_and_gradients(name):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     a.backward()
     b.backward()
+    # float32 rounding in a gradient that is exactly 0 (a conv bias before BN) scales with the gradients
+    # around it: the absolute tolerance is relative to the model's largest gradient (Barlow Twins' loss,
+    # a sum over D x D entries, has gradients ~20x those of the contrastive losses)
+    scale = max(1.0, max(p.grad.abs().max().item() for p in plain.parameters() if p.grad is not None))
     for (key, p), q in zip(plain.named_parameters(), fast.parameters()):
         if p.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=key)
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5 * scale, rtol=1e-4, msg=key)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -102,6 +102,17 @@ def test_simsiam_cifar_projector_has_two_layers_with_bn_on_the_output():
     assert len([m for m in model.predictor if isinstance(m, torch.nn.Linear)]) == 2
 
 
+# ----------------------------------------------------------------------------- Barlow Twins
+def test_barlow_twins_biases_and_norms_get_their_own_scaled_lr(tmp_path):
+    model = REGISTRY["barlow_twins"].build(
+        size="small", backbone=TinyConvNet(), base_lr=0.2, schedule="constant", warmup_epochs=0
+    )
+    lrs = _fit_recording_lrs(model, steps=1, max_epochs=1, default_root_dir=tmp_path)
+    assert lrs[0] == pytest.approx([0.2 * 8 / 256, 0.0048 * 8 / 256])
+    groups = model.parameter_groups(1.5e-6)
+    assert groups[0]["weight_decay"] == 1.5e-6 and groups[1]["weight_decay"] == 0.0 and groups[1]["lars_exclude"]
+
+
 # ----------------------------------------------------------------------------- CLI
 @pytest.fixture(scope="module")
 def cifar_tree(tmp_path_factory):

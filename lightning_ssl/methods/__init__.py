@@ -4,6 +4,7 @@
 file in this folder, its import and one ``REGISTRY`` line here, and its configs.
 """
 
+from lightning_ssl.methods.barlow_twins import BarlowTwins
 from lightning_ssl.methods.base import SSLMethod
 from lightning_ssl.methods.byol import BYOL
 from lightning_ssl.methods.cpc import CPC, CPCv2
@@ -27,6 +28,7 @@ REGISTRY: dict[str, MethodEntry] = {
     "cpcv2": MethodEntry(CPCv2, small=_CPC_SMALL, cifar=_CPC_CIFAR),
     "cpc_audio": MethodEntry(CPCAudio, small={"encoder_dim": 32, "context_dim": 16, "prediction_steps": 3}, **_AUDIO),
     "simsiam": MethodEntry(SimSiam, small={**_HEAD, "projection_hidden_dim": 32, "prediction_hidden_dim": 8}),
+    "barlow_twins": MethodEntry(BarlowTwins, small={**_HEAD, "projection_hidden_dim": 32}),
 }
 
 __all__ = ["SSLMethod", "MethodEntry", "REGISTRY", *(entry.cls.__name__ for entry in REGISTRY.values())]
