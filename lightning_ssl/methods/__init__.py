@@ -13,6 +13,7 @@ from lightning_ssl.methods.moco import MoCo, MoCoV2
 from lightning_ssl.methods.registry import MethodEntry
 from lightning_ssl.methods.simclr import SimCLR
 from lightning_ssl.methods.simsiam import SimSiam
+from lightning_ssl.methods.vicreg import VICReg
 
 _HEAD = {"projection_dim": 16}
 _CPC_SMALL = {"patch_size": 4, "patch_stride": 2, "embedding_dim": 16, "context_hidden_dim": 16, "context_blocks": 2}
@@ -29,6 +30,7 @@ REGISTRY: dict[str, MethodEntry] = {
     "cpc_audio": MethodEntry(CPCAudio, small={"encoder_dim": 32, "context_dim": 16, "prediction_steps": 3}, **_AUDIO),
     "simsiam": MethodEntry(SimSiam, small={**_HEAD, "projection_hidden_dim": 32, "prediction_hidden_dim": 8}),
     "barlow_twins": MethodEntry(BarlowTwins, small={**_HEAD, "projection_hidden_dim": 32}),
+    "vicreg": MethodEntry(VICReg, small={"expander_dim": 16, "expander_hidden_dim": 32}),
 }
 
 __all__ = ["SSLMethod", "MethodEntry", "REGISTRY", *(entry.cls.__name__ for entry in REGISTRY.values())]
