@@ -12,11 +12,12 @@ from image_trees import CIFAR_CLASSES, make_tree
 
 from lightning_ssl import REGISTRY
 from lightning_ssl.cli import main
+from lightning_ssl.queue import nearest_neighbours
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to .self.log")  # training_step outside a Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = [n for n in ("simsiam", "barlow_twins", "vicreg", "nnclr") if n in REGISTRY]
+NAMES = ["simsiam", "barlow_twins", "vicreg", "nnclr"]
 
 
 def _views(n: int = 8, size: int = 16, seed: int = 1) -> list[torch.Tensor]:
@@ -111,6 +112,31 @@ def test_barlow_twins_biases_and_norms_get_their_own_scaled_lr(tmp_path):
     assert lrs[0] == pytest.approx([0.2 * 8 / 256, 0.0048 * 8 / 256])
     groups = model.parameter_groups(1.5e-6)
     assert groups[0]["weight_decay"] == 1.5e-6 and groups[1]["weight_decay"] == 0.0 and groups[1]["lars_exclude"]
+
+
+# ----------------------------------------------------------------------------- NNCLR
+def test_nnclr_positives_are_support_set_neighbours_and_the_checkpoint_holds_the_support_set(tmp_path):
+    model = REGISTRY["nnclr"].build(size="small", backbone=TinyConvNet())
+    assert model.queue.shape == (64, 16)
+    loader = torch.utils.data.DataLoader(_Views(), batch_size=8, drop_last=True)
+    trainer = quiet_trainer(max_steps=3, default_root_dir=tmp_path)
+    trainer.fit(model, train_dataloaders=loader)
+    assert int(model.queue_ptr) == 24
+    assert torch.allclose(model.queue.norm(dim=1), torch.ones(64))
+    path = tmp_path / "nnclr.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["state_dict"]
+    torch.testing.assert_close(state["queue"], model.queue, rtol=0, atol=0)
+    assert int(state["queue_ptr"]) == 24
+    z = model.queue[:5] * 3.0  # the neighbour of an embedding stored in the support set is itself
+    torch.testing.assert_close(nearest_neighbours(z, model.queue), model.queue[:5], rtol=0, atol=0)
+
+
+def test_nnclr_rejects_a_support_set_the_global_batch_does_not_divide(tmp_path):
+    model = REGISTRY["nnclr"].build(size="small", backbone=TinyConvNet(), queue_size=60)
+    loader = torch.utils.data.DataLoader(_Views(), batch_size=8, drop_last=True)
+    with pytest.raises(ValueError, match="queue_size=60"):
+        quiet_trainer(max_steps=1, default_root_dir=tmp_path).fit(model, train_dataloaders=loader)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -10,6 +10,7 @@ from lightning_ssl.methods.byol import BYOL
 from lightning_ssl.methods.cpc import CPC, CPCv2
 from lightning_ssl.methods.cpc_audio import CPCAudio
 from lightning_ssl.methods.moco import MoCo, MoCoV2
+from lightning_ssl.methods.nnclr import NNCLR
 from lightning_ssl.methods.registry import MethodEntry
 from lightning_ssl.methods.simclr import SimCLR
 from lightning_ssl.methods.simsiam import SimSiam
@@ -31,6 +32,9 @@ REGISTRY: dict[str, MethodEntry] = {
     "simsiam": MethodEntry(SimSiam, small={**_HEAD, "projection_hidden_dim": 32, "prediction_hidden_dim": 8}),
     "barlow_twins": MethodEntry(BarlowTwins, small={**_HEAD, "projection_hidden_dim": 32}),
     "vicreg": MethodEntry(VICReg, small={"expander_dim": 16, "expander_hidden_dim": 32}),
+    "nnclr": MethodEntry(
+        NNCLR, small={**_HEAD, "projection_hidden_dim": 32, "prediction_hidden_dim": 32, "queue_size": 64}
+    ),
 }
 
 __all__ = ["SSLMethod", "MethodEntry", "REGISTRY", *(entry.cls.__name__ for entry in REGISTRY.values())]
