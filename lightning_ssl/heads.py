@@ -6,6 +6,10 @@ which widths its paper uses:
 - SimCLR (Chen et al. 2020): ``[D, D, 128]`` with BN.
 - MoCo v1 (He et al. 2020): ``[D, 128]`` (linear); MoCo v2 (Chen et al. 2020): ``[D, 2048, 128]`` without BN.
 - BYOL (Grill et al. 2020): projector ``[D, 4096, 256]``, predictor ``[256, 4096, 256]``, with BN.
+- SimSiam (Chen & He 2021): projector ``[D, 2048, 2048, 2048]`` with BN on every layer, predictor ``[2048, 512, 2048]``.
+- Barlow Twins (Zbontar et al. 2021), VICReg (Bardes et al. 2022): ``[D, 8192, 8192, 8192]``, last layer without bias.
+- NNCLR (Dwibedi et al. 2021): projector ``[D, 2048, 2048, 256]`` with BN on every layer, predictor
+  ``[256, 4096, 256]``.
 """
 
 from __future__ import annotations

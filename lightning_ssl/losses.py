@@ -5,6 +5,10 @@
 - ``byol_loss``: BYOL's normalized regression 2 - 2 cos(p, z) (Grill et al. 2020, eq. 2).
 - ``cpc_info_nce``: image CPC's InfoNCE over patch vectors (Oord et al. 2018, eq. 4).
 - ``cpc_sequence_info_nce``: CPC's InfoNCE over a sequence (audio, Oord et al. 2018, sec. 3.1 and eq. 4).
+- ``simsiam_loss``: SimSiam's symmetric negative cosine with stop-gradient (Chen & He 2021, eq. 1-4).
+- ``barlow_twins_loss``: Barlow Twins' cross-correlation loss (Zbontar et al. 2021, eq. 1-2).
+- ``vicreg_loss``: VICReg's invariance, variance and covariance terms (Bardes et al. 2022, eq. 1-6).
+- ``nnclr_loss``: NNCLR's NT-Xent with support-set neighbours as anchors (Dwibedi et al. 2021, eq. 2).
 
 Each loss computes in float32 with autocast off (``_float32``), so under ``precision="bf16-mixed"``
 (or 16-mixed) the normalization, the similarity logits and the softmax are not rounded to 16 bits;
