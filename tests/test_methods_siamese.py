@@ -151,8 +151,9 @@ def test_cifar_config_fits_two_steps_through_the_cli(name, cifar_tree, tmp_path,
     # fmt: off
     main([
         "fit", "--config", str(REPO / "configs" / f"{name}_cifar10.yaml"),
-        "--data.init_args.root", str(cifar_tree), "--data.init_args.batch_size", "8",
-        "--data.init_args.num_workers", "0", "--data.init_args.eval_batch_size", "20",
+        "--data.init_args.root", str(cifar_tree), "--data.init_args.num_workers", "0",
+        "--data.init_args.batch_size", "4", "--data.init_args.image_size", "16",
+        "--data.init_args.eval_batch_size", "20",
         "--trainer.max_steps", "2", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
     ])
