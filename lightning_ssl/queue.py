@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["enqueue_", "nearest_neighbours"]
+__all__ = ["enqueue_", "nearest_neighbours", "check_queue_size"]
 
 
 @torch.no_grad()
@@ -37,3 +37,14 @@ def nearest_neighbours(queries: torch.Tensor, queue: torch.Tensor) -> torch.Tens
     with torch.autocast(device_type=queue.device.type, enabled=False):  # similarities in the queue's precision
         similarity = F.normalize(queries.to(queue.dtype), dim=1) @ F.normalize(queue, dim=1).T  # N x K
     return queue[similarity.argmax(dim=1)]
+
+
+def check_queue_size(method: str, queue_size: int, global_batch: int) -> None:
+    """Fail with what to do when the global batch does not divide the queue (each step's keys must fill
+    whole slots, so the queue's contents match those of one process with the global batch)."""
+    if queue_size % global_batch != 0:
+        raise ValueError(
+            f"{method} queue_size={queue_size} is not a multiple of the global batch size {global_batch} "
+            "(batch x processes x accumulation). Choose a queue_size that the global batch divides, "
+            f"e.g. {max(global_batch, queue_size // global_batch * global_batch)}."
+        )

@@ -11,7 +11,7 @@ from lightning_ssl.callbacks import QueueUpdate
 from lightning_ssl.heads import mlp
 from lightning_ssl.losses import nnclr_loss
 from lightning_ssl.methods.base import SSLMethod
-from lightning_ssl.queue import enqueue_, nearest_neighbours
+from lightning_ssl.queue import check_queue_size, enqueue_, nearest_neighbours
 
 __all__ = ["NNCLR"]
 
@@ -82,13 +82,7 @@ class NNCLR(SSLMethod):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        batch = self.global_batch_size()
-        if self.queue.shape[0] % batch != 0:
-            raise ValueError(
-                f"NNCLR queue_size={self.queue.shape[0]} is not a multiple of the global batch size {batch} "
-                "(batch x processes x accumulation). Choose a queue_size that the global batch divides, "
-                f"e.g. {max(batch, self.queue.shape[0] // batch * batch)}."
-            )
+        check_queue_size("NNCLR", self.queue.shape[0], self.global_batch_size())
 
     # training -------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
