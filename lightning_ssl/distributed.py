@@ -2,7 +2,9 @@
 
 ``gather_with_grad`` is an autograd-aware all-gather (as Bolts' ``SyncFunction``): the backward pass
 sums the incoming gradients over processes and returns this process's slice, so that with DDP's
-gradient averaging the result equals one process holding the whole batch.
+gradient averaging the result equals one process holding the whole batch. ``all_reduce_with_grad``
+is the same for a sum over processes (Barlow Twins' cross-correlation): its backward pass sums the
+incoming gradients over processes too.
 
 ``batch_shuffle`` / ``batch_unshuffle`` implement MoCo's shuffling BN (He et al. 2020, sec. 3.3):
 the key batch is shuffled across processes before the key encoder and restored after, so batch
@@ -28,6 +30,7 @@ __all__ = [
     "gather_with_grad",
     "gather_no_grad",
     "all_reduce_sum",
+    "all_reduce_with_grad",
     "batch_shuffle",
     "batch_unshuffle",
     "launcher_trainer_flags",
@@ -67,6 +70,33 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if not is_distributed() or world_size() == 1:
         return tensor
     return _GatherWithGrad.apply(tensor)
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # Every process's loss depends on the sum, so the gradient of the sum of the losses with
+        # respect to this process's term is the sum of the incoming gradients of all processes.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` (same shape on every process) over processes, with gradients.
+
+    Each process computes the same loss from the sum; with DDP's gradient averaging, the gradients
+    equal those of one process computing the loss on the global batch. The identity in one process.
+    """
+    if not is_distributed() or world_size() == 1:
+        return tensor
+    return _AllReduceWithGrad.apply(tensor)
 
 
 @torch.no_grad()

@@ -10,6 +10,10 @@ which widths its paper uses:
 
 ``DINOHead`` is DINO's head (Caron et al. 2021, sec. 3.1 and appendix): an MLP with GELU to a
 bottleneck, L2 normalization and a weight-normalized linear layer to K outputs.
+- SimSiam (Chen & He 2021): projector ``[D, 2048, 2048, 2048]`` with BN on every layer, predictor ``[2048, 512, 2048]``.
+- Barlow Twins (Zbontar et al. 2021), VICReg (Bardes et al. 2022): ``[D, 8192, 8192, 8192]``, last layer without bias.
+- NNCLR (Dwibedi et al. 2021): projector ``[D, 2048, 2048, 256]`` with BN on every layer, predictor
+  ``[256, 4096, 256]``.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ from torch.nn.utils.parametrizations import weight_norm
 __all__ = ["mlp", "DINOHead"]
 
 
-def mlp(dims: Sequence[int], batch_norm: bool = True, last_batch_norm: bool = False) -> nn.Sequential:
+def mlp(
+    dims: Sequence[int], batch_norm: bool = True, last_batch_norm: bool = False, last_bias: bool = True
+) -> nn.Sequential:
     """A multi-layer perceptron with widths ``dims``; hidden layers get (BN and) ReLU.
 
-    Hidden linear layers have no bias when followed by BN (the BN shift replaces it).
+    Hidden linear layers have no bias when followed by BN (the BN shift replaces it); ``last_bias=False``
+    drops the last layer's bias too (Barlow Twins, VICReg: the loss standardizes or centers it away).
     """
     if len(dims) < 2:
         raise ValueError(f"an MLP needs at least an input and an output width, got {list(dims)}")
@@ -35,7 +42,7 @@ def mlp(dims: Sequence[int], batch_norm: bool = True, last_batch_norm: bool = Fa
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
         last = i == len(dims) - 2
         use_bn = batch_norm and (not last or last_batch_norm)
-        layers.append(nn.Linear(d_in, d_out, bias=not use_bn))
+        layers.append(nn.Linear(d_in, d_out, bias=not use_bn and (last_bias or not last)))
         if use_bn:
             layers.append(nn.BatchNorm1d(d_out, affine=not last))
         if not last:

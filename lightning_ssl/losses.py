@@ -8,6 +8,10 @@
 - ``sinkhorn_knopp``, ``swav_loss``: SwAV's codes and swapped prediction (Caron et al. 2020, eq. 1-4).
 - ``dino_loss``, ``dino_center``, ``teacher_temperature``: DINO's cross entropy between teacher and
   student, its centering and the teacher temperature warm-up (Caron et al. 2021, sec. 3.1, alg. 1).
+- ``simsiam_loss``: SimSiam's symmetric negative cosine with stop-gradient (Chen & He 2021, eq. 1-4).
+- ``barlow_twins_loss``: Barlow Twins' cross-correlation loss (Zbontar et al. 2021, eq. 1-2).
+- ``vicreg_loss``: VICReg's invariance, variance and covariance terms (Bardes et al. 2022, eq. 1-6).
+- ``nnclr_loss``: NNCLR's NT-Xent with support-set neighbours as anchors (Dwibedi et al. 2021, eq. 2).
 
 Each loss computes in float32 with autocast off (``_float32``), so under ``precision="bf16-mixed"``
 (or 16-mixed) the normalization, the similarity logits and the softmax are not rounded to 16 bits;
@@ -22,7 +26,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lightning_ssl.distributed import all_reduce_sum, gather_no_grad, gather_with_grad, rank, world_size
+from lightning_ssl.distributed import (
+    all_reduce_sum,
+    all_reduce_with_grad,
+    gather_no_grad,
+    gather_with_grad,
+    rank,
+    world_size,
+)
 
 __all__ = [
     "nt_xent",
@@ -36,6 +47,10 @@ __all__ = [
     "dino_loss",
     "dino_center",
     "teacher_temperature",
+    "simsiam_loss",
+    "barlow_twins_loss",
+    "vicreg_loss",
+    "nnclr_loss",
 ]
 
 NEGATIVES = ("batch", "same_sequence")
@@ -315,3 +330,125 @@ def dino_center(center: torch.Tensor, teacher: Sequence[torch.Tensor], momentum:
     batch_sum = all_reduce_sum(outputs.sum(dim=0, keepdim=True))
     batch_center = batch_sum / (outputs.shape[0] * world_size())
     return center.reshape(1, -1) * momentum + batch_center * (1 - momentum)
+
+
+# --- SimSiam, Barlow Twins, VICReg, NNCLR
+def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """The ``d x (d - 1)`` off-diagonal entries of a square ``d x d`` matrix (a view, no copy)."""
+    d = m.shape[0]
+    return m.flatten()[:-1].view(d - 1, d + 1)[:, 1:]
+
+
+@_float32
+def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """SimSiam's symmetric negative cosine (Chen & He 2021, eq. 1-4): ``D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2``
+    with ``D(p, z) = -cos(p, z)`` averaged over the batch; ``z1``, ``z2`` get no gradient (stop-gradient).
+    Its minimum is -1."""
+    if not p1.shape == p2.shape == z1.shape == z2.shape or p1.ndim != 2:
+        raise ValueError(f"p1, p2, z1, z2 must all be N x D, got {[tuple(t.shape) for t in (p1, p2, z1, z2)]}")
+    d12 = -F.cosine_similarity(p1, z2.detach(), dim=1).mean()
+    d21 = -F.cosine_similarity(p2, z1.detach(), dim=1).mean()
+    return 0.5 * d12 + 0.5 * d21
+
+
+@_float32
+def barlow_twins_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    lambd: float = 5e-3,
+    scale: float = 1.0,
+    eps: float = 1e-5,
+    gather: bool = True,
+) -> torch.Tensor:
+    """Barlow Twins (Zbontar et al. 2021, eq. 1-2): ``scale * (sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2)``.
+
+    ``C = z1_std^T z2_std / N`` is the cross-correlation of the embeddings standardized over the batch
+    (mean 0, biased variance 1 per dimension with ``eps`` added, as the reference code's
+    ``BatchNorm1d(affine=False)``). ``scale`` multiplies the whole loss: 1 in the reference code today
+    (the first release scaled by 0.024 and used lambda 0.0051).
+
+    In a distributed run with ``gather``, the batch means, variances and ``C`` are sums over processes
+    (``all_reduce_with_grad``), so ``C`` (and the loss, the same on every process) equals that of one
+    process holding the global batch of ``N = n x processes`` embeddings.
+    """
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"z1 and z2 must both be N x D, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    reduce = all_reduce_with_grad if gather else (lambda t: t)
+    total = z1.shape[0] * (world_size() if gather else 1)
+    if total < 2:
+        raise ValueError("Barlow Twins standardizes over the batch: it needs at least 2 embeddings")
+
+    def standardize(z: torch.Tensor) -> torch.Tensor:
+        centered = z - reduce(z.sum(dim=0)) / total
+        var = reduce(centered.pow(2).sum(dim=0)) / total
+        return centered / torch.sqrt(var + eps)
+
+    c = reduce(standardize(z1).T @ standardize(z2)) / total  # D x D
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = _off_diagonal(c).pow(2).sum()
+    return scale * (on_diag + lambd * off_diag)
+
+
+@_float32
+def vicreg_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    invariance: float = 25.0,
+    variance: float = 25.0,
+    covariance: float = 1.0,
+    std_target: float = 1.0,
+    eps: float = 1e-4,
+    gather: bool = True,
+) -> torch.Tensor:
+    """VICReg (Bardes et al. 2022, eq. 1-6), in the form of the reference code:
+
+    ``invariance * mse(z1, z2) + variance * (v(z1) + v(z2)) / 2 + covariance * (c(z1) + c(z2))`` with
+    ``mse`` the mean squared difference over samples and dimensions, ``v(z) = mean_j relu(std_target -
+    sqrt(Var(z_j) + eps))`` (unbiased variance) and ``c(z) = sum_{i != j} Cov(z)_ij^2 / d`` (covariance
+    divided by ``N - 1``). The paper's eq. 6 has no ``/ 2`` and sums the invariance over dimensions;
+    the defaults 25 / 25 / 1 go with the code's form.
+
+    With ``gather`` in a distributed run, variance and covariance are computed over the global batch
+    (``gather_with_grad``); the invariance term is per sample, over this process's batch.
+    """
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"z1 and z2 must both be N x D, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    inv = F.mse_loss(z1, z2)
+    if gather:
+        z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
+    n, d = z1.shape
+    if n < 2:
+        raise ValueError("VICReg's variance and covariance need at least 2 embeddings in the (global) batch")
+
+    def var_cov(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        centered = z - z.mean(dim=0)
+        std = torch.sqrt(centered.pow(2).sum(dim=0) / (n - 1) + eps)
+        cov = centered.T @ centered / (n - 1)
+        return F.relu(std_target - std).mean(), _off_diagonal(cov).pow(2).sum() / d
+
+    v1, c1 = var_cov(z1)
+    v2, c2 = var_cov(z2)
+    return invariance * inv + variance * (v1 + v2) / 2 + covariance * (c1 + c2)
+
+
+@_float32
+def nnclr_loss(nn: torch.Tensor, p: torch.Tensor, temperature: float = 0.1, gather: bool = True) -> torch.Tensor:
+    """NNCLR's loss (Dwibedi et al. 2021, eq. 2, with the prediction head of sec. 3.2): row i's positive is
+    ``p_i``; the other predictions of the batch are its negatives.
+
+    ``-log exp(nn_i . p_i / t) / sum_k exp(nn_i . p_k / t)`` averaged over this process's ``n`` rows, with
+    ``nn`` (the support-set neighbours of one view, no gradient) and ``p`` (the predictions of the other
+    view) normalized here. With ``gather`` in a distributed run, ``k`` runs over the global batch
+    (``gather_with_grad``), so the mean over processes equals one process holding the global batch.
+    """
+    if nn.shape != p.shape or nn.ndim != 2:
+        raise ValueError(f"nn and p must both be N x D, got {tuple(nn.shape)} and {tuple(p.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    nn = F.normalize(nn.detach(), dim=1)
+    p = F.normalize(p, dim=1)
+    candidates, offset = p, 0
+    if gather:
+        candidates, offset = gather_with_grad(p), rank() * p.shape[0]
+    logits = nn @ candidates.T / temperature  # n x N
+    return F.cross_entropy(logits, torch.arange(p.shape[0], device=p.device) + offset)

@@ -37,6 +37,7 @@ from lightning_ssl.evaluation.export import torchvision_model
 NAMES = sorted(REGISTRY)
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16  # image side of the contract runs
+NEAREST_NEIGHBOUR_POSITIVES = {"nnclr"}  # losses with a discrete choice (see the bf16 test)
 
 
 def is_image(name: str) -> bool:
@@ -197,9 +198,13 @@ def test_channels_last_gives_the_same_loss_and_gradients(name):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     a.backward()
     b.backward()
+    # float32 rounding in a gradient that is exactly 0 (a conv bias before BN) scales with the gradients
+    # around it: the absolute tolerance is relative to the model's largest gradient (Barlow Twins' loss,
+    # a sum over D x D entries, has gradients ~20x those of the contrastive losses)
+    scale = max(1.0, max(p.grad.abs().max().item() for p in plain.parameters() if p.grad is not None))
     for (key, p), q in zip(plain.named_parameters(), fast.parameters()):
         if p.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=key)
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5 * scale, rtol=1e-4, msg=key)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -210,7 +215,11 @@ def test_bf16_mixed_training_is_close_to_float32(tmp_path, name):
         trainer(tmp_path, max_steps=2, precision=precision, callbacks=[rec]).fit(make(name), data(n=16, name=name))
         losses[precision] = torch.tensor(rec.losses)
     assert torch.isfinite(losses["bf16-mixed"]).all()
-    torch.testing.assert_close(losses["bf16-mixed"], losses["32-true"], rtol=0.03, atol=0.02)
+    # NNCLR's positive is an argmax over the support set: bf16 rounding of an embedding (~0.4%) picks another
+    # neighbour where two cosine similarities are that close (common in a small random support set), a jump
+    # of the loss rather than a rounding error, so its bound is looser.
+    tol = {"rtol": 0.1, "atol": 0.1} if name in NEAREST_NEIGHBOUR_POSITIVES else {"rtol": 0.03, "atol": 0.02}
+    torch.testing.assert_close(losses["bf16-mixed"], losses["32-true"], **tol)
 
 
 # ----------------------------------------------------------------------------- export

@@ -4,15 +4,19 @@
 file in this folder, its import and one ``REGISTRY`` line here, and its configs.
 """
 
+from lightning_ssl.methods.barlow_twins import BarlowTwins
 from lightning_ssl.methods.base import SSLMethod
 from lightning_ssl.methods.byol import BYOL
 from lightning_ssl.methods.cpc import CPC, CPCv2
 from lightning_ssl.methods.cpc_audio import CPCAudio
 from lightning_ssl.methods.dino import DINO
 from lightning_ssl.methods.moco import MoCo, MoCoV2
+from lightning_ssl.methods.nnclr import NNCLR
 from lightning_ssl.methods.registry import MethodEntry
 from lightning_ssl.methods.simclr import SimCLR
+from lightning_ssl.methods.simsiam import SimSiam
 from lightning_ssl.methods.swav import SwAV
+from lightning_ssl.methods.vicreg import VICReg
 
 _HEAD = {"projection_dim": 16}
 _CPC_SMALL = {"patch_size": 4, "patch_stride": 2, "embedding_dim": 16, "context_hidden_dim": 16, "context_blocks": 2}
@@ -24,13 +28,19 @@ REGISTRY: dict[str, MethodEntry] = {
     "moco": MethodEntry(MoCo, small={**_HEAD, "queue_size": 64}),
     "mocov2": MethodEntry(MoCoV2, small={**_HEAD, "projection_hidden_dim": 32, "queue_size": 64}),
     "byol": MethodEntry(BYOL, small={**_HEAD, "projection_hidden_dim": 32}),
+    "cpc": MethodEntry(CPC, small=_CPC_SMALL, cifar=_CPC_CIFAR),
+    "cpcv2": MethodEntry(CPCv2, small=_CPC_SMALL, cifar=_CPC_CIFAR),
+    "cpc_audio": MethodEntry(CPCAudio, small={"encoder_dim": 32, "context_dim": 16, "prediction_steps": 3}, **_AUDIO),
+    "simsiam": MethodEntry(SimSiam, small={**_HEAD, "projection_hidden_dim": 32, "prediction_hidden_dim": 8}),
+    "barlow_twins": MethodEntry(BarlowTwins, small={**_HEAD, "projection_hidden_dim": 32}),
+    "vicreg": MethodEntry(VICReg, small={"expander_dim": 16, "expander_hidden_dim": 32}),
+    "nnclr": MethodEntry(
+        NNCLR, small={**_HEAD, "projection_hidden_dim": 32, "prediction_hidden_dim": 32, "queue_size": 64}
+    ),
     "swav": MethodEntry(
         SwAV, small={**_HEAD, "projection_hidden_dim": 32, "num_prototypes": 12, "freeze_prototypes_steps": 1}
     ),
     "dino": MethodEntry(DINO, small={"out_dim": 16, "head_hidden_dim": 32, "head_bottleneck_dim": 8}),
-    "cpc": MethodEntry(CPC, small=_CPC_SMALL, cifar=_CPC_CIFAR),
-    "cpcv2": MethodEntry(CPCv2, small=_CPC_SMALL, cifar=_CPC_CIFAR),
-    "cpc_audio": MethodEntry(CPCAudio, small={"encoder_dim": 32, "context_dim": 16, "prediction_steps": 3}, **_AUDIO),
 }
 
 __all__ = ["SSLMethod", "MethodEntry", "REGISTRY", *(entry.cls.__name__ for entry in REGISTRY.values())]

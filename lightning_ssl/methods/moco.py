@@ -13,7 +13,7 @@ from lightning_ssl.ema import ema_copy
 from lightning_ssl.heads import mlp
 from lightning_ssl.losses import moco_info_nce
 from lightning_ssl.methods.base import SSLMethod
-from lightning_ssl.queue import enqueue_
+from lightning_ssl.queue import check_queue_size, enqueue_
 
 __all__ = ["MoCo", "MoCoV2"]
 
@@ -89,13 +89,7 @@ class MoCo(SSLMethod):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        batch = self.global_batch_size()
-        if self.queue.shape[0] % batch != 0:
-            raise ValueError(
-                f"MoCo queue_size={self.queue.shape[0]} is not a multiple of the global batch size {batch} "
-                "(batch x processes x accumulation). Choose a queue_size that the global batch divides, "
-                f"e.g. {max(batch, self.queue.shape[0] // batch * batch)}."
-            )
+        check_queue_size("MoCo", self.queue.shape[0], self.global_batch_size())
 
     # training ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
