@@ -74,9 +74,7 @@ def embedding_scatter(
     """``H x W x 3`` uint8 scatter plot of ``features`` projected to 2-D (``"pca"`` or ``"tsne"``), colored by
     ``labels``; at most ``max_points`` evenly spaced points."""
     import matplotlib
-
-    matplotlib.use("Agg")  # no display: render to memory
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the session's backend (e.g. a notebook's) stays as it is
 
     features, labels = features.detach().float().cpu(), labels.detach().cpu()
     if len(features) > max_points:
@@ -93,9 +91,10 @@ def embedding_scatter(
         xy = (x @ v[:2].T).numpy()
     else:
         raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    fig = Figure(figsize=(5, 5), dpi=100)
+    ax = fig.subplots()
     classes = sorted(labels.unique().tolist())
-    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
     for i, c in enumerate(classes):
         mask = (labels == c).numpy()
         name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
@@ -108,7 +107,6 @@ def embedding_scatter(
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     buffer.seek(0)
     return np.asarray(Image.open(buffer).convert("RGB"))
 

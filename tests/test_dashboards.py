@@ -197,3 +197,19 @@ def test_cli_progress_bar_prints_the_loss(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     bar = done.stdout + done.stderr  # Lightning's tqdm bars write to stdout
     assert "loss=" in bar and "img/s=" in bar and "v_num" not in bar
+
+
+def test_embedding_picture_leaves_the_matplotlib_backend_alone():
+    """A notebook's inline backend survives the embedding picture a run logs (plots after fit still show)."""
+    import matplotlib
+
+    from lightning_ssl.visualize import embedding_scatter
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        image = embedding_scatter(torch.randn(40, 8), torch.arange(40) % 4, ["a", "b", "c", "d"])
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert image.ndim == 3 and image.shape[2] == 3 and image.dtype.name == "uint8"
