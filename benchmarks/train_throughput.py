@@ -39,7 +39,7 @@ from lightning_ssl import REGISTRY
 from lightning_ssl.callbacks import EMAUpdate
 from lightning_ssl.contracts import HasEMATargets, HasQueue
 from lightning_ssl.ema import ema_update_
-from lightning_ssl.optim import build_optimizer, lr_lambda, scaled_lr, split_weight_decay
+from lightning_ssl.optim import build_optimizer, lr_lambda, scaled_lr
 
 
 # ------------------------------------------------------------------------------------- data
@@ -96,9 +96,17 @@ def bare_loop(model, loader, device, total, precision="32-true", warmup=0):
     model.log = lambda *a, **k: None  # outside a Trainer
     ema = next((c for c in model.configure_callbacks() if isinstance(c, EMAUpdate)), None)
     cfg = model.optim_config
-    lr = cfg["lr"] if cfg["lr"] is not None else scaled_lr(cfg["base_lr"], loader.batch_size)
-    groups = split_weight_decay([model], cfg["weight_decay"])
-    optimizer = build_optimizer(cfg["optimizer"], groups, lr=lr, momentum=cfg["momentum"], fused=cfg["fused"])
+    lr = cfg["lr"] if cfg["lr"] is not None else scaled_lr(cfg["base_lr"], loader.batch_size, cfg["lr_scaling"])
+    groups = model.parameter_groups(cfg["weight_decay"])  # the method's own groups, as configure_optimizers
+    optimizer = build_optimizer(
+        cfg["optimizer"],
+        groups,
+        lr=lr,
+        momentum=cfg["momentum"],
+        fused=cfg["fused"],
+        lars_eta=cfg["lars_eta"],
+        lars_clip=cfg["lars_clip"],
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total, 0, cfg["schedule"]))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     stamps, window_start = [], None

@@ -22,6 +22,14 @@ Presets (``preset(name, image_size, strength, small_image)``):
 * ``byol`` -- Grill et al. 2020 (BYOL), table 6: asymmetric views, crop scale 0.08-1, flip, jitter
   (0.4, 0.4, 0.2, 0.1) p = 0.8, grayscale p = 0.2, blur p = 1.0 / 0.1 (sigma 0.1-2, kernel 23 at
   224), solarize p = 0.0 / 0.2.
+* ``moco_cifar`` -- the MoCo authors' CIFAR-10 demo (facebookresearch/moco, ``colab/moco_cifar10_demo.ipynb``):
+  ``RandomResizedCrop(32)`` (scale 0.08-1), flip, jitter (0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale
+  p = 0.2, no blur.
+* ``cpc`` -- Oord et al. 2018 (CPC), sec. 3.3: a random 256x256 crop of the image resized to 300x300
+  (a square crop of (256/300)^2 of the image's area, at a random place), flip, converted to grayscale;
+  no color jitter, no blur. (The paper's per-patch 60x60 sub-crops are CPC's ``patch_augment``.)
+* ``cpc_v2`` -- Henaff et al. 2019 (CPC v2): the same crop and flip, in color; CPC v2's color
+  augmentation is per patch (``patch_augment``: color dropping), none at the image level.
 * ``seed`` -- the project's original example: RandomResizedCrop 512 with scale 0.3-1, flip,
   ``ColorJitter(0.4, 0.4, 0.1)`` (brightness, contrast, saturation) with p = 0.8.
 * ``digits`` -- the quickstart's handwritten digits: crop scale 0.5-1 (ratio 0.75-1.33), rotation
@@ -176,6 +184,40 @@ def _byol(size: int, s: float) -> list[ViewConfig]:
     return [v.replace(blur_p=1.0, solarize_p=0.0), v.replace(blur_p=0.1, solarize_p=0.2)]
 
 
+def _moco_cifar(size: int, s: float) -> list[ViewConfig]:
+    v = ViewConfig(
+        size=size,
+        scale=(0.08, 1.0),
+        jitter=(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s),
+        jitter_p=0.8,
+        grayscale_p=0.2,
+        blur_p=0.0,
+        blur_kernel=blur_kernel_size(size),
+    )
+    return [v, v]
+
+
+CPC_CROP_SCALE = (256 / 300) ** 2
+"""Area fraction of CPC's 256x256 crop of a 300x300 image (Oord et al. 2018, sec. 3.3)."""
+
+
+def _cpc(size: int, s: float) -> list[ViewConfig]:
+    v = ViewConfig(
+        size=size,
+        scale=(CPC_CROP_SCALE, CPC_CROP_SCALE),
+        ratio=(1.0, 1.0),
+        jitter_p=0.0,
+        grayscale_p=1.0,
+        blur_p=0.0,
+        blur_kernel=blur_kernel_size(size),
+    )
+    return [v]
+
+
+def _cpc_v2(size: int, s: float) -> list[ViewConfig]:
+    return [_cpc(size, s)[0].replace(grayscale_p=0.0)]
+
+
 def _seed(size: int, s: float) -> list[ViewConfig]:
     v = ViewConfig(
         size=size,
@@ -218,11 +260,14 @@ PRESETS = {
     "moco_v1": _moco_v1,
     "moco_v2": _moco_v2,
     "byol": _byol,
+    "moco_cifar": _moco_cifar,
+    "cpc": _cpc,
+    "cpc_v2": _cpc_v2,
     "seed": _seed,
     "digits": _digits,
     "linear_eval": _linear_eval,
 }
-_DEFAULT_SIZE = {"seed": 512, "digits": 32}
+_DEFAULT_SIZE = {"seed": 512, "digits": 32, "moco_cifar": 32, "cpc": 256, "cpc_v2": 256}
 
 
 def preset(

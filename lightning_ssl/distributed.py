@@ -8,7 +8,8 @@ incoming gradients over processes too.
 
 ``batch_shuffle`` / ``batch_unshuffle`` implement MoCo's shuffling BN (He et al. 2020, sec. 3.3):
 the key batch is shuffled across processes before the key encoder and restored after, so batch
-statistics never mix a query with its own key.
+statistics never mix a query with its own key. ``split_shuffle`` is its one-process form, for a
+key encoder with ``SplitBatchNorm`` simulating several devices (MoCo's CIFAR-10 demo).
 
 ``launcher_trainer_flags`` reads the ``Trainer`` flags (devices, nodes) implied by the launcher
 (``torchrun``, ``fabric run``, SLURM ``srun``) from the environment.
@@ -33,6 +34,7 @@ __all__ = [
     "all_reduce_with_grad",
     "batch_shuffle",
     "batch_unshuffle",
+    "split_shuffle",
     "launcher_trainer_flags",
 ]
 
@@ -150,6 +152,30 @@ def batch_unshuffle(x: torch.Tensor, unshuffle_idx: torch.Tensor) -> torch.Tenso
         )
     start = rank() * n
     return x_all[unshuffle_idx[start : start + n]]
+
+
+@torch.no_grad()
+def split_shuffle(n: int, groups: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """A random permutation ``perm`` of ``n`` samples in ``groups`` interleaved sub-batches (sample ``i`` is
+    in sub-batch ``i % groups``, as ``SplitBatchNorm`` cuts it) such that the sample put at position ``p``,
+    ``perm[p]``, comes from another sub-batch than ``p``'s: ``x[perm]`` through a ``SplitBatchNorm``
+    normalizes every key with statistics of a sub-batch that does not hold its query's image.
+
+    Each sub-batch of the shuffled batch draws one sample from each row of ``groups`` consecutive
+    samples, from a sub-batch chosen by a random non-zero cyclic offset per row, and the members of each
+    sub-batch are visited in random order: a mix of every other sub-batch, never its own. Drawn on
+    ``device`` from the global generator (no host synchronization); ``argsort(perm)`` undoes it.
+    """
+    if groups < 2:
+        raise ValueError(f"split_shuffle needs at least 2 sub-batches, got {groups}")
+    if n % groups != 0:
+        raise ValueError(f"a batch of {n} cannot be cut into {groups} equal sub-batches; use a multiple of {groups}")
+    rows = n // groups
+    offsets = torch.randint(1, groups, (rows, 1), device=device)  # never 0: never the slot's own sub-batch
+    source = (torch.arange(groups, device=device) + offsets) % groups  # rows x groups: sub-batch of the sample
+    members = torch.argsort(torch.rand(groups, rows, device=device), dim=1)  # random order inside each sub-batch
+    row_of = members[source, torch.arange(rows, device=device)[:, None]]  # rows x groups
+    return (row_of * groups + source).flatten()
 
 
 def _int(env: Mapping[str, str], key: str) -> int | None:

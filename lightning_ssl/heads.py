@@ -29,12 +29,18 @@ __all__ = ["mlp", "DINOHead"]
 
 
 def mlp(
-    dims: Sequence[int], batch_norm: bool = True, last_batch_norm: bool = False, last_bias: bool = True
+    dims: Sequence[int],
+    batch_norm: bool = True,
+    last_batch_norm: bool = False,
+    last_bias: bool = True,
+    last_scale: bool = False,
 ) -> nn.Sequential:
     """A multi-layer perceptron with widths ``dims``; hidden layers get (BN and) ReLU.
 
     Hidden linear layers have no bias when followed by BN (the BN shift replaces it); ``last_bias=False``
     drops the last layer's bias too (Barlow Twins, VICReg: the loss standardizes or centers it away).
+    With ``last_batch_norm`` the output layer has no bias and is followed by a BN without shift, learning
+    a scale when ``last_scale`` (SimCLR's reference head: ``center=False``) and nothing otherwise.
     """
     if len(dims) < 2:
         raise ValueError(f"an MLP needs at least an input and an output width, got {list(dims)}")
@@ -44,7 +50,10 @@ def mlp(
         use_bn = batch_norm and (not last or last_batch_norm)
         layers.append(nn.Linear(d_in, d_out, bias=not use_bn and (last_bias or not last)))
         if use_bn:
-            layers.append(nn.BatchNorm1d(d_out, affine=not last))
+            bn = nn.BatchNorm1d(d_out, affine=not last or last_scale)
+            if last and last_scale:
+                bn.register_parameter("bias", None)  # scale, no centering
+            layers.append(bn)
         if not last:
             layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)

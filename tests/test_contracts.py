@@ -251,6 +251,10 @@ def test_exported_and_loaded_encoder_compute_the_representation(tmp_path, name):
         tv = batch_norm_to_layer_norm(tv)
     tv.load_state_dict(state, strict=True)
     assert isinstance(tv, torchvision.models.ResNet)
+    # the export loads back (its sidecar: stem, norm layers, CPC's patch grid) to the same features
+    exported, _ = load_encoder(tmp_path / "encoder.pt", arch="resnet18")
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(x), model.representation(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if is_image(n)])  # audio methods take one view

@@ -253,7 +253,7 @@ def test_representation_is_the_mean_of_patch_features():
 
 def test_too_few_rows_is_a_clear_error():
     model = _tiny_cpc()
-    with pytest.raises(ValueError, match="too few to predict 3 rows"):
+    with pytest.raises(ValueError, match="too small to predict 3 patches ahead"):
         model.loss(torch.randn(2, 3, 8, 8))  # a 3x3 grid
     with pytest.raises(ValueError, match="encoder_norm"):
         _tiny_cpc(encoder_norm="group")
@@ -289,3 +289,35 @@ def test_config_model_arguments_build_the_model(name):
     model = getattr(importlib.import_module(module), cls_name)(**config["model"]["init_args"])
     assert isinstance(model, CPC)
     assert {k: model.hparams[k] for k in config["model"]["init_args"]} == config["model"]["init_args"]
+
+
+def test_prediction_offsets_and_directions(monkeypatch):
+    """CPC v1 predicts 2..6 rows ahead (the overlapping adjacent row skipped, as Greedy InfoMax); CPC v2
+    predicts 3 ahead (Henaff et al., Algorithm 1) in four directions, each on the turned grid."""
+    import lightning_ssl.methods.cpc as cpc_module
+
+    v1 = CPC(TinyConvNet(width=8), patch_size=4, patch_stride=2, embedding_dim=8, context_hidden_dim=8)
+    v2 = CPCv2(TinyConvNet(width=8), patch_size=4, patch_stride=2, embedding_dim=8, context_hidden_dim=8)
+    assert v1.steps == [2, 3, 4, 5, 6] and v1.directions == ["top_down"]
+    assert v2.steps == [3] and v2.directions == ["top_down", "bottom_up", "left_right", "right_left"]
+    assert CPC(TinyConvNet(width=8), first_step=1, prediction_steps=5).steps == [1, 2, 3, 4, 5]
+    calls = []
+
+    def recording(predictions, targets, steps, gather=True):
+        calls.append((predictions.shape, targets.detach().clone(), list(steps)))
+        return predictions.sum() * 0
+
+    monkeypatch.setattr(cpc_module, "cpc_info_nce", recording)
+    v2.eval()  # no per-patch augmentation: the same z for every direction
+    images = torch.randn(2, 3, 16, 18)  # a 7x8 grid: turned grids are 8x7
+    v2.loss(images)
+    assert [c[2] for c in calls] == [[3]] * 4
+    z = calls[0][1]
+    assert z.shape[2:] == (7, 8)
+    torch.testing.assert_close(calls[1][1], z.flip(2))
+    torch.testing.assert_close(calls[2][1], z.transpose(2, 3))
+    torch.testing.assert_close(calls[3][1], z.transpose(2, 3).flip(2))
+    assert all(c[0][1] == 1 for c in calls)  # one predictor output per offset
+    calls.clear()
+    v1.loss(torch.randn(2, 3, 16, 16))
+    assert [c[2] for c in calls] == [[2, 3, 4, 5, 6]] and calls[0][0][1] == 5

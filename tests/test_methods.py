@@ -6,6 +6,7 @@ import pytorch_lightning as pl
 import torch
 from conftest import TinyConvNet
 from helpers import RandomTwoViews, quiet_trainer
+from torch import nn
 
 from lightning_ssl import BYOL, CPC, MoCo, MoCoV2, SimCLR
 from lightning_ssl.cli import main as cli_main
@@ -153,3 +154,22 @@ def test_view_batching_decides_the_batch_norm_statistics():
     with pytest.raises(ValueError, match="view_batching must be one of auto, concat, per_view"):
         SimCLR(TinyConvNet(), view_batching="stacked")
     assert "view_batching" in SSLMethod.__init__.__code__.co_varnames
+
+
+def test_simclr_projection_head_options(tiny_backbone):
+    """``paper``: the last layer is linear with bias; ``reference`` (google-research/simclr): no bias,
+    then BN with a scale and no centering, so each output feature has zero batch mean in training."""
+    paper = SimCLR(tiny_backbone, projection_hidden_dim=16, projection_dim=8)
+    assert isinstance(paper.projector[-1], nn.Linear) and paper.projector[-1].bias is not None
+    reference = SimCLR(TinyConvNet(), projection_head="reference", projection_hidden_dim=16, projection_dim=8)
+    linear, bn = reference.projector[-2], reference.projector[-1]
+    assert isinstance(linear, nn.Linear) and linear.bias is None
+    assert isinstance(bn, nn.BatchNorm1d) and bn.weight is not None and bn.bias is None
+    assert "projector.4.bias" not in reference.state_dict()
+    with torch.no_grad():
+        bn.weight.fill_(3.0)
+    z = reference.projector(torch.randn(32, 16) + 5)
+    torch.testing.assert_close(z.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0, unbiased=False), torch.full((8,), 3.0), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="projection_head"):
+        SimCLR(TinyConvNet(), projection_head="linear")

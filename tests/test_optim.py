@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_ssl import BYOL, MoCo, MoCoV2, SimCLR
 from lightning_ssl.optim import LARS, lr_lambda, scaled_lr, split_weight_decay
+from tests.conftest import TinyConvNet
 
 
 def test_lars_matches_reference_update():
@@ -102,3 +104,90 @@ def test_parameter_groups_hook_scales_and_fixes_learning_rates(tmp_path):
     assert head["lr"] == pytest.approx(0.1) and head["initial_lr"] == pytest.approx(0.1)
     assert "lr_scale" in head  # our keys stay in the group (the checkpoint keeps them) ...
     assert not any(k in trainer.optimizers[0].defaults for k in ("lr_scale", "fixed_lr"))  # ... not the defaults
+
+
+def _decayed_and_excluded(model) -> tuple[set[int], set[int]]:
+    decayed, excluded = set(), set()
+    for group in model.parameter_groups(1e-4):
+        target = decayed if group["weight_decay"] > 0 else excluded
+        target.update(id(p) for p in group["params"])
+    return decayed, excluded
+
+
+def test_moco_decays_every_parameter_simclr_and_byol_exclude_biases_and_norms():
+    """MoCo's reference (main_moco.py) decays all parameters; the LARS methods exclude biases and norms."""
+
+    for cls in (MoCo, MoCoV2):
+        model = cls(TinyConvNet(), projection_dim=8, queue_size=64)
+        decayed, excluded = _decayed_and_excluded(model)
+        assert decayed == {id(p) for p in model.parameters() if p.requires_grad} and not excluded
+    for cls in (SimCLR, BYOL):
+        model = cls(TinyConvNet(), projection_hidden_dim=16, projection_dim=8)
+        decayed, excluded = _decayed_and_excluded(model)
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+        assert norms
+        for module in norms:
+            assert all(id(p) in excluded for p in module.parameters(recurse=False) if p.requires_grad)
+        biases = [p for n, p in model.named_parameters() if n.endswith("bias") and p.requires_grad]
+        assert biases and all(id(p) in excluded and id(p) not in decayed for p in biases)
+        assert all(id(p) in decayed for p in model.parameters() if p.ndim > 1 and p.requires_grad)
+
+
+def test_lars_eta_and_lr_clipping_match_a_hand_computation():
+    """solo-learn's CIFAR BYOL LARS: eta 0.02 and clip_lr (a layer's lr is min(trust ratio, lr))."""
+    w = torch.tensor([[3.0, 4.0]], requires_grad=True)  # ||w|| = 5
+    v = torch.tensor([[0.6, 0.8]], requires_grad=True)  # ||v|| = 1
+    opt = LARS(
+        [{"params": [w, v], "weight_decay": 0.0, "lars_exclude": False}], lr=0.5, momentum=0.9, eta=0.02, clip_lr=True
+    )
+    w.grad = torch.tensor([[0.0, 0.1]])  # ||g|| = 0.1: trust 0.02 * 5 / 0.1 = 1.0 > lr: clipped to lr 0.5
+    v.grad = torch.tensor([[1.0, 0.0]])  # ||g|| = 1: trust 0.02 * 1 / 1 = 0.02 < lr: kept
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.tensor([[3.0, 4.0 - 0.5 * 0.1]]))  # plain SGD step
+    torch.testing.assert_close(v.detach(), torch.tensor([[0.6 - 0.02 * 1.0, 0.8]]))
+    # second step: momentum on the clipped/scaled gradients
+    w.grad = torch.tensor([[0.0, 0.1]])
+    v.grad = torch.tensor([[1.0, 0.0]])
+    w_norm, v_norm = w.detach().norm(), v.detach().norm()
+    w_rate = min(0.02 * w_norm / 0.1, 0.5) / 0.5
+    v_rate = min(0.02 * v_norm / 1.0, 0.5) / 0.5
+    w_expected = w.detach() - 0.5 * (0.9 * torch.tensor([[0.0, 0.1]]) + w_rate * torch.tensor([[0.0, 0.1]]))
+    v_expected = v.detach() - 0.5 * (0.9 * torch.tensor([[0.04, 0.0]]) + v_rate * torch.tensor([[1.0, 0.0]]))
+    opt.step()
+    torch.testing.assert_close(w.detach(), w_expected)
+    torch.testing.assert_close(v.detach(), v_expected)
+    # without clipping the step is lr x trust ratio: 0.5 x 0.02 for the second layer (clipped: 0.02)
+    u = torch.tensor([[0.6, 0.8]], requires_grad=True)
+    u.grad = torch.tensor([[1.0, 0.0]])
+    LARS([u], lr=0.5, momentum=0.9, eta=0.02).step()
+    torch.testing.assert_close(u.detach(), torch.tensor([[0.6 - 0.5 * 0.02, 0.8]]))
+
+
+def test_square_root_scaling_rule():
+    """SimCLR appendix B.1: lr = 0.075 x sqrt(B)."""
+    assert scaled_lr(0.075, 4096, "sqrt") == pytest.approx(4.8)
+    assert scaled_lr(0.075, 256, "sqrt") == pytest.approx(1.2)
+    assert scaled_lr(0.3, 4096, "linear") == pytest.approx(4.8)
+    with pytest.raises(ValueError, match="lr scaling"):
+        scaled_lr(0.1, 256, "log")
+
+
+def test_method_lars_and_scaling_arguments_reach_the_optimizer(tmp_path):
+    from helpers import RandomTwoViews, quiet_trainer
+
+    model = SimCLR(
+        TinyConvNet(),
+        base_lr=0.075,
+        lr_scaling="sqrt",
+        lars_eta=0.02,
+        lars_clip=True,
+        warmup_epochs=0,
+        schedule="constant",
+    )
+    trainer = quiet_trainer(max_steps=1, default_root_dir=tmp_path)
+    trainer.fit(model, RandomTwoViews(num_samples=16, batch_size=16))
+    group = trainer.optimizers[0].param_groups[0]
+    assert group["lr"] == pytest.approx(0.075 * 4.0)
+    assert group["eta"] == 0.02 and group["clip_lr"] is True
+    with pytest.raises(ValueError, match="lr_scaling"):
+        SimCLR(TinyConvNet(), lr_scaling="quadratic")

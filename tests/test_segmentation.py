@@ -11,6 +11,7 @@ from lightning_ssl import SimCLR, build_backbone
 from lightning_ssl.datamodules import CityscapesDataModule
 from lightning_ssl.datamodules.synthetic_cityscapes import make_synthetic_cityscapes
 from lightning_ssl.evaluation import FCN8s, SegmentationModule, mean_iou
+from lightning_ssl.evaluation.segmentation import BilinearUpsample2x
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -65,7 +66,8 @@ def test_training_on_generated_tree_improves_miou(tmp_path):
         base_size=32,
         scale_range=(0.75, 1.25),
     )
-    model = SegmentationModule("resnet18", num_classes=19, lr=0.05)
+    # the reference's fixed upsampling: in these 16 steps the learned one (the default) trains slower
+    model = SegmentationModule("resnet18", num_classes=19, lr=0.05, learn_upsampling=False)
     trainer = quiet_trainer(
         max_epochs=8,
         num_sanity_val_steps=0,
@@ -76,3 +78,33 @@ def test_training_on_generated_tree_improves_miou(tmp_path):
     after = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/miou"]
     print(f"mIoU before {before:.3f} after {after:.3f}")
     assert after > 2 * before + 0.02, (before, after)
+
+
+@pytest.mark.parametrize("side", [5, 8])
+def test_learned_x2_upsampling_starts_as_bilinear_interpolation(side):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, side, side + 2)
+    up = BilinearUpsample2x(3)
+    expected = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(up(x), expected)
+    assert up.weight.requires_grad  # learned (Long et al. 2015: deconvolutions initialized to bilinear)
+
+
+def test_fcn8s_before_training_equals_fixed_bilinear_fcn8s_and_learns_its_x2_upsamplings():
+    """Long et al.: the two x2 upsamplings learn from bilinear initialization; the final x8 is fixed."""
+    torch.manual_seed(0)
+    model = FCN8s(torchvision.models.resnet18(weights=None), num_classes=4).eval()
+    for layer in (model.score8, model.score16):  # non-zero skips, so every path reaches the output
+        torch.nn.init.normal_(layer.weight)
+    x = torch.randn(1, 3, 64, 96)
+    c8, c16, c32 = model.features(x)
+    up = lambda t, ref: torch.nn.functional.interpolate(t, size=ref.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731
+    s16 = model.score16(c16) + up(model.score32(c32), c16)
+    fixed = up(model.score8(c8) + up(s16, c8), x)
+    torch.testing.assert_close(model(x), fixed)
+    learned = {n for n, p in model.named_parameters() if n.startswith("up") and p.requires_grad}
+    assert learned == {"up32.weight", "up16.weight"}
+    fixed = FCN8s(torchvision.models.resnet18(weights=None), num_classes=4, learn_upsampling=False)
+    assert not any(p.requires_grad for n, p in fixed.named_parameters() if n.startswith("up"))
+    model(x).sum().backward()
+    assert model.up32.weight.grad.abs().sum() > 0 and model.up16.weight.grad.abs().sum() > 0

@@ -15,6 +15,10 @@ weights, to pass as a method's ``backbone`` (then export with ``--arch``).
 ``load_encoder(path)`` returns ``(encoder, feature_dim)`` from a method's checkpoint, an exported
 file, or any torchvision state_dict (e.g. supervised ImageNet weights saved locally).
 
+Next to an export, ``<out>.json`` (``encoder_sidecar``) records what the state_dict cannot: the stem,
+layer norm, and CPC's patch grid. ``load_encoder`` reads it, so a CPC export is evaluated on its patch
+grid (mean-pooled, as ``CPC.representation``) and not on the whole image.
+
 Audio methods (``CPCAudio``, ``encoder_spec()["modality"] == "audio"``) have no torchvision model:
 their export is the ``CPCAudioEncoder``'s state_dict (convolutions and GRU), which loads with
 ``strict=True`` into ``CPCAudioEncoder(**spec["audio_encoder"])``; ``load_encoder`` rebuilds it.
@@ -23,6 +27,7 @@ their export is the ``CPCAudioEncoder``'s state_dict (convolutions and GRU), whi
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -50,6 +55,7 @@ __all__ = [
     "torchvision_model",
     "load_torchvision_model",
     "export_main",
+    "encoder_sidecar",
 ]
 
 _PREFIX = "backbone.module."
@@ -142,6 +148,12 @@ def _spec_model(spec: dict, arch: str, num_classes: int = 1000, seed: int = 0) -
     return batch_norm_to_layer_norm(model) if spec.get("layer_norm") else model
 
 
+def encoder_sidecar(out: str | Path) -> Path:
+    """The file next to an export that holds its ``encoder_spec`` (``resnet18_cpc.pt.json``)."""
+    out = Path(out)
+    return out.with_name(out.name + ".json")
+
+
 def export_backbone(
     checkpoint: str | Path, out: str | Path, num_classes: int = 1000, seed: int = 0, arch: str | None = None
 ) -> Path:
@@ -175,6 +187,8 @@ def export_backbone(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: state[k] for k in full}, out)
+    keys = ("small_image", "layer_norm", "patch_grid")
+    encoder_sidecar(out).write_text(json.dumps({k: spec.get(k) for k in keys}, indent=2) + "\n")
     return out
 
 
@@ -183,9 +197,10 @@ def load_encoder(path: str | Path, arch: str | None = None, small_image: bool = 
     state_dict file (exported, or supervised weights).
 
     For a checkpoint, the encoder computes the method's evaluation features (``representation``): the
-    online backbone, or for CPC the backbone's features averaged over the patch grid. ``arch`` names
-    the torchvision model of a plain state_dict (``resnet18``, ``resnet50``, ...) and of checkpoints
-    of methods built on an ``nn.Module`` backbone."""
+    online backbone, or for CPC the backbone's features averaged over the patch grid. So does an export
+    with its ``encoder_sidecar`` file next to it (its stem, norm layers and patch grid win over
+    ``small_image``). ``arch`` names the torchvision model of a plain state_dict (``resnet18``,
+    ``resnet50``, ...) and of checkpoints of methods built on an ``nn.Module`` backbone."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder file {path} does not exist")
@@ -210,13 +225,18 @@ def load_encoder(path: str | Path, arch: str | None = None, small_image: bool = 
         )
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    model = torchvision_model(arch, small_image=small_image)
+    sidecar = encoder_sidecar(path)
+    spec = json.loads(sidecar.read_text()) if sidecar.is_file() else {"small_image": small_image}
+    model = _spec_model(spec, arch)
     dim = strip_classifier(model)
     # the classifier of the file (any number of classes) is not part of the encoder; every other
     # tensor must match the architecture exactly
     state = {k: v for k, v in obj.items() if k.split(".")[0] not in CLASSIFIER_ATTRS}
     model.load_state_dict(state, strict=True)
-    return build_backbone(model, feature_dim=dim)
+    encoder, dim = build_backbone(model, feature_dim=dim)
+    if spec.get("patch_grid"):
+        encoder = PatchGridEncoder(encoder, **spec["patch_grid"])
+    return encoder, dim
 
 
 def export_main(argv: list[str]) -> None:

@@ -25,8 +25,8 @@ _AUDIO = {"modality": "audio", "configs": ("librispeech", "synthetic"), "named_b
 
 REGISTRY: dict[str, MethodEntry] = {
     "simclr": MethodEntry(SimCLR, small={**_HEAD, "projection_hidden_dim": 32}),
-    "moco": MethodEntry(MoCo, small={**_HEAD, "queue_size": 64}),
-    "mocov2": MethodEntry(MoCoV2, small={**_HEAD, "projection_hidden_dim": 32, "queue_size": 64}),
+    "moco": MethodEntry(MoCo, small={**_HEAD, "queue_size": 64, "split_bn_groups": 2}),
+    "mocov2": MethodEntry(MoCoV2, small={**_HEAD, "projection_hidden_dim": 32, "queue_size": 64, "split_bn_groups": 2}),
     "byol": MethodEntry(BYOL, small={**_HEAD, "projection_hidden_dim": 32}),
     "cpc": MethodEntry(CPC, small=_CPC_SMALL, cifar=_CPC_CIFAR),
     "cpcv2": MethodEntry(CPCv2, small=_CPC_SMALL, cifar=_CPC_CIFAR),

@@ -35,7 +35,15 @@ from lightning_ssl.callbacks import (
 from lightning_ssl.contracts import HasEMATargets, LabeledDataModule, require
 from lightning_ssl.evaluation.baselines import calibrate_norm_statistics
 from lightning_ssl.evaluation.knn import extract_features, knn_accuracy
-from lightning_ssl.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_lambda, scaled_lr, split_weight_decay
+from lightning_ssl.optim import (
+    LR_SCALING,
+    OPTIMIZERS,
+    SCHEDULES,
+    build_optimizer,
+    lr_lambda,
+    scaled_lr,
+    split_weight_decay,
+)
 from lightning_ssl.rng import capture_rng_states, restore_rng_states
 
 # validation_step serves `lightning-ssl validate` (kNN); a fit without a validation loader is the normal case
@@ -96,11 +104,17 @@ class SSLMethod(pl.LightningModule):
             hyperparameter: pass it again to ``load_from_checkpoint``.
         small_image: CIFAR stem for 32x32 inputs.
         optimizer: ``lars``, ``sgd`` or ``adamw``.
-        base_lr: learning rate for a global batch of 256; the peak lr is ``base_lr * B / 256`` with
-            ``B = batch size x processes x gradient accumulation``.
+        base_lr: the learning rate before scaling by the global batch ``B = batch size x processes x
+            gradient accumulation``: the peak lr is ``base_lr * B / 256`` (``lr_scaling="linear"``) or
+            ``base_lr * sqrt(B)`` (``"sqrt"``).
         lr: the peak learning rate itself, overriding the scaling rule when given.
-        weight_decay: applied to weights only; biases and norm parameters are excluded.
+        lr_scaling: ``linear`` (Goyal et al. 2017; the methods' papers) or ``sqrt`` (SimCLR, Chen et al.
+            2020, appendix B.1, recommended for small batches with ``base_lr=0.075``).
+        weight_decay: applied to weights only; biases and norm parameters are excluded (a method may
+            override ``parameter_groups``: MoCo decays every parameter).
         momentum: the optimizer's (SGD/LARS) momentum.
+        lars_eta: LARS's trust coefficient (SimCLR and BYOL: 0.001).
+        lars_clip: clip LARS's per-layer lr at the global lr (solo-learn's ``clip_lr``; off in the papers).
         warmup_epochs: linear warmup length (fractions allowed).
         schedule: ``cosine``, ``step`` (x0.1 at 60% and 80%) or ``constant``.
         layer_decay: ViT backbones only: layer-wise lr decay (``backbones.vit_parameter_groups``; 1.0, the
@@ -129,8 +143,11 @@ class SSLMethod(pl.LightningModule):
         optimizer: str = "sgd",
         base_lr: float = 0.1,
         lr: float | None = None,
+        lr_scaling: str = "linear",
         weight_decay: float = 0.0,
         momentum: float = 0.9,
+        lars_eta: float = 0.001,
+        lars_clip: bool = False,
         warmup_epochs: float = 0.0,
         schedule: str = "cosine",
         channels_last: bool = False,
@@ -146,6 +163,10 @@ class SSLMethod(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+        if lr_scaling not in LR_SCALING:
+            raise ValueError(f"lr_scaling must be one of {', '.join(LR_SCALING)}; got {lr_scaling!r}")
+        if lars_eta <= 0:
+            raise ValueError(f"lars_eta must be positive, got {lars_eta}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
         if view_batching not in VIEW_BATCHING:
@@ -160,8 +181,11 @@ class SSLMethod(pl.LightningModule):
             optimizer=optimizer,
             base_lr=base_lr,
             lr=lr,
+            lr_scaling=lr_scaling,
             weight_decay=weight_decay,
             momentum=momentum,
+            lars_eta=lars_eta,
+            lars_clip=lars_clip,
             warmup_epochs=warmup_epochs,
             schedule=schedule,
             fused=fused_optimizer,
@@ -390,12 +414,21 @@ class SSLMethod(pl.LightningModule):
             self.trainer.fit_loop.setup_data()
         total_steps = int(self.trainer.estimated_stepping_batches)
         self.check_training_data()
-        lr = cfg["lr"] if cfg["lr"] is not None else scaled_lr(cfg["base_lr"], self.global_batch_size())
+        batch = self.global_batch_size() if cfg["lr"] is None else None
+        lr = cfg["lr"] if cfg["lr"] is not None else scaled_lr(cfg["base_lr"], batch, cfg["lr_scaling"])
         warmup_steps = int(round(cfg["warmup_epochs"] * self.steps_per_epoch()))
         groups = [g for g in self.parameter_groups(cfg["weight_decay"]) if g["params"]]
         for group in groups:  # a group's own peak lr: the scaled lr times its lr_scale
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        optimizer = build_optimizer(cfg["optimizer"], groups, lr=lr, momentum=cfg["momentum"], fused=cfg["fused"])
+        optimizer = build_optimizer(
+            cfg["optimizer"],
+            groups,
+            lr=lr,
+            momentum=cfg["momentum"],
+            fused=cfg["fused"],
+            lars_eta=cfg["lars_eta"],
+            lars_clip=cfg["lars_clip"],
+        )
         # LambdaLR keeps a multiplier per group (scheduler checkpoints store no functions, only the step)
         scheduled = lambda step: lr_lambda(step, total_steps, warmup_steps, cfg["schedule"])  # noqa: E731
         lambdas = [(lambda step: 1.0) if g.get("fixed_lr") else scheduled for g in groups]

@@ -21,29 +21,40 @@ __all__ = ["CPC", "CPCv2"]
 
 class CPC(SSLMethod):
     """CPC v1: an encoder on a grid of overlapping patches, a causal context network over rows, and
-    InfoNCE on predictions of the patch vectors up to ``prediction_steps`` rows below.
+    InfoNCE on predictions of the patch vectors ``first_step .. prediction_steps`` rows below.
 
     Each image is cut into a grid of ``patch_size`` patches every ``patch_stride`` pixels (paper:
     256x256 images, 7x7 grid of 64x64 patches, stride 32; for 32x32 images 8x8 patches, stride 4).
     The backbone, mean-pooled, maps every patch to a vector, linearly projected to ``embedding_dim``
     (paper: 1024) when given, forming z (``B x D x 7 x 7``). A PixelCNN-style network
     (``ContextNetwork``) gives contexts c that see rows ``<= i``; ``W_k c_ij`` predicts
-    ``z_{i+k, j}`` for k in ``first_step .. prediction_steps`` (paper: up to 5 rows below) against
-    every other patch of the batch as negatives (``cpc_info_nce``).
+    ``z_{i+k, j}`` for k in ``first_step .. prediction_steps`` against every other patch of the
+    batch as negatives (``cpc_info_nce``).
+
+    Prediction offsets: Oord et al. (sec. 3.3) predict "up to five rows" and give no offset. At half
+    overlap (stride = patch / 2) the row right below (k = 1) shares half its pixels with the context's
+    own row, so part of the target is visible to the context; Greedy InfoMax's CPC loss (Loewe et al.
+    2019) therefore predicts five rows starting at the next-but-one, k = 2..6, and so do we by default
+    (``first_step=2, prediction_steps=6``; ``first_step=1`` gives the adjacent row back). ``CPCv2``
+    uses Henaff et al.'s offsets.
 
     Optimization: the papers use Adam; defaults here are AdamW with lr 2e-4 for a global batch of
     256 (``base_lr``, scaled linearly; pass ``lr`` to fix it), no weight decay, constant schedule.
 
     Evaluation features (``representation``) are the frozen backbone's patch features averaged over
-    the grid (before the projection), for this backbone or a ``random_init_backbone()``.
+    the grid (before the projection), for this backbone or a ``random_init_backbone()``; exported and
+    loaded encoders (``lightning_ssl.evaluation``) compute the same.
 
     Args beyond ``SSLMethod``'s:
         patch_size, patch_stride: the grid; ``grid_size`` optionally requires a square grid of that
             many rows (images must then have side ``(grid_size - 1) * patch_stride + patch_size``).
         embedding_dim: width of z; ``None`` uses the backbone's features directly.
         context_hidden_dim, context_blocks, context_kernel_size: the context network.
-        prediction_steps, first_step: the row offsets k predicted.
+        prediction_steps, first_step: the offsets k predicted, ``first_step .. prediction_steps``.
         bidirectional: also predict bottom-up with a second context network and predictors (v2).
+        horizontal: also predict left-to-right and right-to-left, each with its own context network
+            and predictors (v2: four directions in all with ``bidirectional``). The loss is the mean
+            over the directions.
         encoder_norm: ``"batch"`` keeps the backbone's batch norm; ``"layer"`` turns every
             ``BatchNorm2d`` of a torchvision backbone into ``GroupNorm(1, C)`` (v2). A module passed
             as ``backbone`` is used as given.
@@ -62,9 +73,10 @@ class CPC(SSLMethod):
         context_hidden_dim: int = 256,
         context_blocks: int = 5,
         context_kernel_size: int = 3,
-        prediction_steps: int = 5,
-        first_step: int = 1,
+        prediction_steps: int = 6,
+        first_step: int = 2,
         bidirectional: bool = False,
+        horizontal: bool = False,
         encoder_norm: str = "batch",
         patch_augment: bool = False,
         patch_crop_fraction: float = 0.875,
@@ -91,7 +103,8 @@ class CPC(SSLMethod):
             )
         self.patch_size, self.patch_stride, self.grid_size = patch_size, patch_stride, grid_size
         self.steps = list(range(first_step, prediction_steps + 1))
-        self.bidirectional = bidirectional
+        self.bidirectional, self.horizontal = bidirectional, horizontal
+        self.directions = ["top_down"] + ["bottom_up"] * bidirectional + ["left_right", "right_left"] * horizontal
         self.encoder_norm = encoder_norm
         self.patch_augment = patch_augment
         self.patch_crop_fraction, self.flip_prob, self.color_drop_prob = patch_crop_fraction, flip_prob, color_drop_prob
@@ -113,6 +126,9 @@ class CPC(SSLMethod):
         self.context, self.predictor = context(), predictor()
         if bidirectional:
             self.context_up, self.predictor_up = context(), predictor()
+        if horizontal:
+            self.context_left, self.predictor_left = context(), predictor()  # left to right
+            self.context_right, self.predictor_right = context(), predictor()  # right to left
 
     # ----------------------------------------------------------------- representation
     def patches(self, images: torch.Tensor) -> torch.Tensor:
@@ -148,34 +164,43 @@ class CPC(SSLMethod):
         predictions = predictor(context(z)).view(b, len(self.steps), d, rows, cols)
         return cpc_info_nce(predictions, z, self.steps, gather=self.gather_distributed)
 
+    def _direction(self, z: torch.Tensor, direction: str) -> tuple[torch.Tensor, nn.Module, nn.Module]:
+        """``z`` turned so that ``direction`` runs down the rows, with that direction's networks."""
+        if direction == "top_down":
+            return z, self.context, self.predictor
+        if direction == "bottom_up":
+            return z.flip(2), self.context_up, self.predictor_up
+        if direction == "left_right":
+            return z.transpose(2, 3), self.context_left, self.predictor_left
+        return z.transpose(2, 3).flip(2), self.context_right, self.predictor_right
+
     def loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """CPC losses of a batch of images: ``{"loss", "top_down"}`` and, if bidirectional, ``"bottom_up"``."""
+        """CPC losses of a batch of images: ``"loss"`` (the mean over directions) and one per direction
+        (``"top_down"``, and ``"bottom_up"``, ``"left_right"``, ``"right_left"`` when enabled)."""
         patches = self.patches(images)
         b, rows, cols = patches.shape[:3]
-        if rows <= self.steps[-1]:
+        if min(rows, cols) <= self.steps[-1] and (self.horizontal or rows <= self.steps[-1]):
             raise ValueError(
-                f"images of {images.shape[2]}x{images.shape[3]} give {rows} rows of patches, too few to predict "
-                f"{self.steps[-1]} rows below; use larger images, a smaller patch_stride or fewer prediction_steps"
+                f"images of {images.shape[2]}x{images.shape[3]} give a {rows}x{cols} grid of patches, too small to "
+                f"predict {self.steps[-1]} patches ahead; use larger images, a smaller patch_stride or fewer "
+                "prediction_steps"
             )
         if self.patch_augment and self.training:
             flat = patches.reshape(b * rows * cols, *patches.shape[3:])
             flat = augment_patches(flat, self.patch_crop_fraction, self.flip_prob, self.color_drop_prob)
             patches = flat.view(patches.shape)
         z = self.projector(encode_patches(patches, self.backbone)).permute(0, 3, 1, 2)  # B x D x rows x cols
-        out = {"top_down": self._direction_loss(z, self.context, self.predictor)}
-        out["loss"] = out["top_down"]
-        if self.bidirectional:
-            out["bottom_up"] = self._direction_loss(z.flip(2), self.context_up, self.predictor_up)
-            out["loss"] = (out["top_down"] + out["bottom_up"]) / 2
+        out = {direction: self._direction_loss(*self._direction(z, direction)) for direction in self.directions}
+        out["loss"] = sum(out[d] for d in self.directions) / len(self.directions)
         return out
 
     def training_step(self, batch, batch_idx):
         views, _ = batch
         images = views[0] if isinstance(views, (list, tuple)) else views
         losses = self.loss(images)
-        if self.bidirectional:
-            self.log("train/loss_top_down", losses["top_down"])
-            self.log("train/loss_bottom_up", losses["bottom_up"])
+        if len(self.directions) > 1:
+            for direction in self.directions:
+                self.log(f"train/loss_{direction}", losses[direction])
         self.log("train/loss", losses["loss"])  # no prog_bar: Lightning would .item() it (a host sync) every step
         return losses["loss"]
 
@@ -183,17 +208,31 @@ class CPC(SSLMethod):
 class CPCv2(CPC):
     """CPC v2 (Henaff et al. 2019): CPC with layer norm instead of batch norm in the encoder,
     per-patch augmentation (random crops inside each patch, flips, color dropping) and predictions
-    both top-down and bottom-up (the loss is their mean). Every other argument and default is ``CPC``'s.
+    in four directions, top-down, bottom-up and both horizontal ones (sec. 4.1, "BU" and "HP"; the
+    loss is their mean). The offset: the paper's pseudo-code (appendix, Algorithm 1:
+    ``steps_to_ignore=2, steps_to_predict=3``) predicts the patch three rows ahead only, the first two
+    (overlapping and touching) skipped: ``first_step=3, prediction_steps=3``. Every other argument and
+    default is ``CPC``'s.
     """
 
     def __init__(
         self,
         backbone: str | nn.Module = "resnet50",
+        prediction_steps: int = 3,
+        first_step: int = 3,
         bidirectional: bool = True,
+        horizontal: bool = True,
         encoder_norm: str = "layer",
         patch_augment: bool = True,
         **kwargs,
     ):
         super().__init__(
-            backbone, bidirectional=bidirectional, encoder_norm=encoder_norm, patch_augment=patch_augment, **kwargs
+            backbone,
+            prediction_steps=prediction_steps,
+            first_step=first_step,
+            bidirectional=bidirectional,
+            horizontal=horizontal,
+            encoder_norm=encoder_norm,
+            patch_augment=patch_augment,
+            **kwargs,
         )

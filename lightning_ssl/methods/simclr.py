@@ -8,7 +8,9 @@ from lightning_ssl.heads import mlp
 from lightning_ssl.losses import nt_xent
 from lightning_ssl.methods.base import SSLMethod
 
-__all__ = ["SimCLR"]
+__all__ = ["SimCLR", "PROJECTION_HEADS"]
+
+PROJECTION_HEADS = ("paper", "reference")
 
 
 class SimCLR(SSLMethod):
@@ -18,7 +20,14 @@ class SimCLR(SSLMethod):
     ImageNet use 0.1), LARS with lr = 0.3 x batch / 256, 10 warmup epochs then cosine decay, weight
     decay 1e-6 on weights only. In a distributed run the negatives come from every process.
 
+    The projection head: the paper (sec. 2.1) writes ``g(h) = W2 relu(W1 h)``, an MLP whose output
+    layer is a plain linear map; the reference code (google-research/simclr, ``projection_head``) ends
+    with a linear layer without bias followed by BN without centering (a learned scale, no shift).
+    Paper and code disagree, so the default is the paper's (``"paper"``: Linear, BN, ReLU, Linear with
+    bias; the hidden BN is in both); ``"reference"`` gives the code's.
+
     Args (the shared ones are ``SSLMethod``'s):
+        projection_head: ``"paper"`` or ``"reference"`` (see above).
         projection_hidden_dim: hidden width of the projection MLP (``None``: the backbone's width).
         projection_dim: output width of the projection.
         temperature: tau of NT-Xent (eq. 1).
@@ -28,6 +37,7 @@ class SimCLR(SSLMethod):
     def __init__(
         self,
         backbone: str | nn.Module = "resnet50",
+        projection_head: str = "paper",
         projection_hidden_dim: int | None = None,
         projection_dim: int = 128,
         temperature: float = 0.5,
@@ -50,8 +60,12 @@ class SimCLR(SSLMethod):
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
         self.gather_distributed = gather_distributed
+        if projection_head not in PROJECTION_HEADS:
+            raise ValueError(f"projection_head must be one of {', '.join(PROJECTION_HEADS)}; got {projection_head!r}")
         hidden = projection_hidden_dim or self.feature_dim
-        self.projector = mlp([self.feature_dim, hidden, projection_dim])
+        reference = projection_head == "reference"
+        dims = [self.feature_dim, hidden, projection_dim]
+        self.projector = mlp(dims, last_batch_norm=reference, last_scale=reference)
 
     def training_step(self, batch, batch_idx):
         views, _ = batch
