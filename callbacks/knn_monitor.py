@@ -109,7 +109,9 @@ class KNNMonitor(pl.Callback):
         train_loader, val_loader = self._loaders(trainer, self.max_report_images)
         n_train, n_val = len(train_loader.dataset), len(val_loader.dataset)
         if trainer.is_global_zero:
-            subsets = " (evenly spaced subsets: max_report_images)" if self.max_report_images else ""
+            full = [len(trainer.datamodule.labeled_dataloader(split).dataset) for split in ("train", "val")]
+            cut = full != [n_train, n_val]
+            subsets = f" (evenly spaced subsets of at most max_report_images={self.max_report_images})" if cut else ""
             print(
                 f"Final report: weighted kNN of the pretrained and of a random-init encoder on {n_train} training "
                 f"and {n_val} held-out images{subsets}...",
