@@ -120,6 +120,7 @@ def test_sync_counter_sees_the_progress_bar_sync(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ benchmarks
+@pytest.mark.slow
 def test_bare_loop_of_the_throughput_benchmark_does_what_the_trainer_does():
     """Two steps of the benchmark's bare loop and of Trainer.fit leave identical weights, EMA targets
     and queue, for every registered method (small heads, 16-pixel images)."""
@@ -146,6 +147,7 @@ def test_bare_loop_of_the_throughput_benchmark_does_what_the_trainer_does():
     assert out.stdout.count("identical") == 5
 
 
+@pytest.mark.slow
 def test_throughput_script_prints_its_table():
     out = run_module(
         "benchmarks.train_throughput",
@@ -172,6 +174,7 @@ def test_throughput_script_prints_its_table():
     assert bare > 0 and trainer > 0 and abs(ratio - trainer / bare) <= 0.1 / bare + 1e-3
 
 
+@pytest.mark.slow
 def test_gpu_epoch_smoke_runs_on_cpu(tmp_path):
     out = run_module("benchmarks.gpu_epoch", "--smoke", "--methods", "simclr", "--json", str(tmp_path / "e.json"))
     assert out.returncode == 0, out.stderr[-3000:]
