@@ -37,7 +37,7 @@ class KeyRecorder(pl.Callback):
 
 
 def test_queue_holds_the_last_k_keys_after_training(tmp_path, tiny_backbone):
-    model = MoCo(tiny_backbone, projection_dim=8, queue_size=16, optimizer="sgd", lr=0.1)
+    model = MoCo(tiny_backbone, projection_dim=8, queue_size=16, optimizer="sgd", lr=0.1, split_bn_groups=2)
     rec = KeyRecorder()
     trainer = quiet_trainer(
         max_steps=5,
