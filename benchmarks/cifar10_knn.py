@@ -10,7 +10,9 @@ images as queries (``lightning_ssl.evaluation.knn``).
 
 Settings are the methods' paper defaults (and ``REGISTRY[name].cifar`` on 32x32 images) except what
 the budget changes: warmup (``--warmup-epochs``) and ``--method-args`` (default: MoCo's queue 4096
-and key-encoder momentum 0.99 as in the MoCo CIFAR-10 demo; CPC's lr 1e-3). Example::
+and key-encoder momentum 0.99 as in the MoCo CIFAR-10 demo; CPC's lr 1e-3; the later methods' heads
+and optimizers from their CIFAR-10 configs). SwAV and DINO see the recipe's two views (no local crops).
+Example::
 
     python -m benchmarks.cifar10_knn --methods simclr mocov2 byol --train-per-class 500 \\
         --test-per-class 200 --epochs 3 --batch-size 128
@@ -45,6 +47,18 @@ DEFAULT_METHOD_ARGS = [
     "mocov2:queue_size=4096,ema_tau=0.99",
     "cpc:lr=1e-3",
     "cpcv2:lr=1e-3",
+    # the later methods: heads and optimizer settings of their configs/<name>_cifar10.yaml; step counts
+    # scaled to this budget (an epoch of 5,000 images at batch 128 is 39 steps), support set 4096
+    "simsiam:projection_dim=2048,projection_hidden_dim=2048,projection_layers=2,base_lr=0.03,weight_decay=5e-4",
+    "barlow_twins:projection_hidden_dim=2048,projection_dim=2048,lambd=0.0051,loss_scale=0.1,base_lr=0.3,"
+    "weight_decay=1e-4",
+    "vicreg:expander_hidden_dim=2048,expander_dim=2048,base_lr=0.3,weight_decay=1e-4",
+    "nnclr:projection_hidden_dim=2048,projection_dim=256,prediction_hidden_dim=4096,queue_size=4096,"
+    "temperature=0.2,base_lr=0.4,weight_decay=1e-5",
+    "swav:projection_hidden_dim=2048,projection_dim=128,num_prototypes=3000,freeze_prototypes_steps=39,"
+    "base_lr=0.6,weight_decay=1e-6",
+    "dino:out_dim=4096,head_hidden_dim=2048,head_bottleneck_dim=256,optimizer='sgd',base_lr=0.03,"
+    "weight_decay=1e-4,weight_decay_final=1e-4,warmup_teacher_temperature_epochs=3",
 ]
 
 

@@ -10,7 +10,9 @@ implementation), the same optimizer (SGD, momentum 0.9, ``--lr``, weight decay 5
 per step, no warmup), the same method settings (SimCLR: head 512-512-128, T 0.5; MoCo v2: head
 512-2048-128, T 0.2, queue 4,096, momentum 0.99; BYOL: 512-4096-256 heads, EMA 0.99 -> 1 cosine),
 batch size, epochs and data loading (in the main process). Differences left as each library does
-them: our weight decay skips biases and norm parameters; lightly's plain SGD decays everything.
+them: our SimCLR and BYOL skip weight decay on biases and norm parameters (our MoCo v2 decays every
+parameter, as lightly's plain SGD does); our MoCo v2 shuffles keys across a split batch norm that
+simulates 8 devices (``split_bn_groups=8``, its one-process default), lightly's uses plain batch norm.
 
 Prints, per method and library: training wall time, two-view images/s, kNN top-1 (k = 200, T = 0.1)
 of the backbone on ``--test-per-class`` test images against the training images (the same scorer

@@ -4,8 +4,10 @@ For every method, backbone, image size and batch size this prints two-view image
 (source images per second, two augmented views each) and peak memory for
 
 (a) ``bare``: a plain PyTorch loop around the method's own ``training_step`` (logging off): the same
-    optimizer and LR schedule, then the EMA update (``ema_pairs``) and the queue update
-    (``enqueue``) the method's callbacks would do; and
+    optimizer and LR schedule (``optimizer_and_schedule``), then the EMA update (``ema_pairs``) and
+    the queue update (``enqueue``) the method's callbacks would do. Methods with per-step hooks that
+    read the Trainer's step (SwAV's prototype freeze, DINO's weight-decay schedule, last-layer freeze
+    and clipping) have no bare loop: measure them with ``--modes trainer``; and
 (b) ``trainer``: ``pl.Trainer.fit`` with the method and the callbacks it brings
     (``configure_callbacks``), a CSV logger (default ``log_every_n_steps``) and no progress bar,
 
@@ -39,7 +41,6 @@ from lightning_ssl import REGISTRY
 from lightning_ssl.callbacks import EMAUpdate
 from lightning_ssl.contracts import HasEMATargets, HasQueue
 from lightning_ssl.ema import ema_update_
-from lightning_ssl.optim import build_optimizer, lr_lambda, scaled_lr
 
 
 # ------------------------------------------------------------------------------------- data
@@ -95,19 +96,9 @@ def bare_loop(model, loader, device, total, precision="32-true", warmup=0):
     model.setup("fit")  # channels_last / compile, as the Trainer would
     model.log = lambda *a, **k: None  # outside a Trainer
     ema = next((c for c in model.configure_callbacks() if isinstance(c, EMAUpdate)), None)
-    cfg = model.optim_config
-    lr = cfg["lr"] if cfg["lr"] is not None else scaled_lr(cfg["base_lr"], loader.batch_size, cfg["lr_scaling"])
-    groups = model.parameter_groups(cfg["weight_decay"])  # the method's own groups, as configure_optimizers
-    optimizer = build_optimizer(
-        cfg["optimizer"],
-        groups,
-        lr=lr,
-        momentum=cfg["momentum"],
-        fused=cfg["fused"],
-        lars_eta=cfg["lars_eta"],
-        lars_clip=cfg["lars_clip"],
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total, 0, cfg["schedule"]))
+    optimizer, scheduler = model.optimizer_and_schedule(
+        loader.batch_size, total, warmup_steps=0
+    )  # as configure_optimizers
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     stamps, window_start = [], None
     for step, (views, target) in enumerate(loader):
@@ -253,6 +244,14 @@ def verify(args) -> bool:
     return ok
 
 
+STEP_HOOKS = ("on_train_batch_start", "on_after_backward", "configure_gradient_clipping")
+
+
+def needs_trainer(method: str) -> bool:
+    """Whether the method has per-step hooks that read the Trainer's step, which a bare loop cannot run."""
+    return any(hook in vars(REGISTRY[method].cls) for hook in STEP_HOOKS)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=["simclr", "mocov2", "byol"], choices=IMAGE_METHODS)
@@ -278,6 +277,12 @@ def parse_args(argv=None):
         p.error("--warmup and --steps must be at least 1 (the first step is never timed)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is visible")
+    unsupported = [m for m in args.methods if needs_trainer(m)] if args.verify or "bare" in args.modes else []
+    if unsupported:
+        p.error(
+            f"{', '.join(unsupported)}: per-step hooks that read the Trainer's step ({', '.join(STEP_HOOKS)}) "
+            "have no bare loop; use --modes trainer"
+        )
     return args
 
 
@@ -287,11 +292,13 @@ def main(argv=None):
         return worker(args)
     if args.verify:
         sys.exit(0 if verify(args) else 1)
+    apply_threads(args)  # the header reports the thread count the workers use
     opts = [o for o in ("channels_last", "compile", "fused") if getattr(args, o)]
     print(
         header(
             f"{args.backbone} {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.device}, "
-            f"{args.precision}, options: {', '.join(opts) or 'none'}; {args.warmup} warm-up + {args.steps} "
+            f"{args.precision}, view_batching {args.view_batching}, options: {', '.join(opts) or 'none'}; "
+            f"{args.warmup} warm-up + {args.steps} "
             f"measured steps, {args.repeats} repeat(s)"
         ),
         flush=True,

@@ -415,8 +415,18 @@ class SSLMethod(pl.LightningModule):
         total_steps = int(self.trainer.estimated_stepping_batches)
         self.check_training_data()
         batch = self.global_batch_size() if cfg["lr"] is None else None
-        lr = cfg["lr"] if cfg["lr"] is not None else scaled_lr(cfg["base_lr"], batch, cfg["lr_scaling"])
         warmup_steps = int(round(cfg["warmup_epochs"] * self.steps_per_epoch()))
+        optimizer, scheduler = self.optimizer_and_schedule(batch, total_steps, warmup_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_and_schedule(
+        self, global_batch_size: int | None, total_steps: int, warmup_steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """The optimizer over ``parameter_groups`` and its per-step schedule (what ``configure_optimizers``
+        returns, usable outside a Trainer): the peak lr is ``lr``, or ``base_lr`` scaled to the global
+        batch; each group's own ``lr_scale``; ``fixed_lr`` groups keep their lr."""
+        cfg = self.optim_config
+        lr = cfg["lr"] if cfg["lr"] is not None else scaled_lr(cfg["base_lr"], global_batch_size, cfg["lr_scaling"])
         groups = [g for g in self.parameter_groups(cfg["weight_decay"]) if g["params"]]
         for group in groups:  # a group's own peak lr: the scaled lr times its lr_scale
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -432,8 +442,7 @@ class SSLMethod(pl.LightningModule):
         # LambdaLR keeps a multiplier per group (scheduler checkpoints store no functions, only the step)
         scheduled = lambda step: lr_lambda(step, total_steps, warmup_steps, cfg["schedule"])  # noqa: E731
         lambdas = [(lambda step: 1.0) if g.get("fixed_lr") else scheduled for g in groups]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """The optimizer's parameter groups; a method overrides this to treat some parameters apart.
