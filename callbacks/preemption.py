@@ -85,7 +85,7 @@ class PreemptionCheckpoint(pl.Callback):
         if not stop:
             return
         path = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint (and no log line saying so)
         rank_zero_info(
             f"Received {self.received or 'a stop signal on another process'}: saved {path} at step "
             f"{trainer.global_step}; resume with --ckpt_path last (or ckpt_path={str(path)!r})."

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -216,6 +217,9 @@ def main(args: list[str] | None = None) -> None:
         return None
     SSLCLI.trainer_instance = None
     _quiet_lightning_tips()
+    if any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in argv):
+        # resuming writes into the run's own checkpoint folder, which is meant to be non-empty
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     try:
         SSLCLI(
             SSLMethod,
