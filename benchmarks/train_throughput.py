@@ -96,9 +96,8 @@ def bare_loop(model, loader, device, total, precision="32-true", warmup=0):
     model.setup("fit")  # channels_last / compile, as the Trainer would
     model.log = lambda *a, **k: None  # outside a Trainer
     ema = next((c for c in model.configure_callbacks() if isinstance(c, EMAUpdate)), None)
-    optimizer, scheduler = model.optimizer_and_schedule(
-        loader.batch_size, total, warmup_steps=0
-    )  # as configure_optimizers
+    # as configure_optimizers: the method's parameter groups, lr scaling and per-group schedules
+    optimizer, scheduler = model.optimizer_and_schedule(loader.batch_size, total, warmup_steps=0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     stamps, window_start = [], None
     for step, (views, target) in enumerate(loader):
@@ -248,8 +247,10 @@ STEP_HOOKS = ("on_train_batch_start", "on_after_backward", "configure_gradient_c
 
 
 def needs_trainer(method: str) -> bool:
-    """Whether the method has per-step hooks that read the Trainer's step, which a bare loop cannot run."""
-    return any(hook in vars(REGISTRY[method].cls) for hook in STEP_HOOKS)
+    """Whether the method (or a class it inherits from) overrides a per-step hook that reads the Trainer's
+    step, which a bare loop cannot run."""
+    cls = REGISTRY[method].cls
+    return any(getattr(cls, hook) is not getattr(pl.LightningModule, hook) for hook in STEP_HOOKS)
 
 
 def parse_args(argv=None):
