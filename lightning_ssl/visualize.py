@@ -112,9 +112,15 @@ def embedding_scatter(
 
 
 def image_dir(trainer: pl.Trainer) -> Path:
-    """Where images go when no image-capable logger is attached: next to the metrics."""
-    folder = trainer.log_dir or trainer.default_root_dir
-    return Path(folder) / "images"
+    """Where images go when no image-capable logger is attached: next to the metrics.
+
+    Reads the first logger's folder itself rather than ``trainer.log_dir``: that property broadcasts from rank 0,
+    a collective that would hang or desynchronize DDP when only rank 0 logs a picture."""
+    folder = None
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+    return Path(folder or trainer.default_root_dir) / "images"
 
 
 def log_image(trainer: pl.Trainer, key: str, image: np.ndarray, step: int | None = None) -> list[str]:
