@@ -40,10 +40,12 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 import lightning_ssl.datamodules  # noqa: F401  (registers the datamodules for short class names)
 from lightning_ssl.callbacks import DivergenceError, Preempted
+from lightning_ssl.checkpoints import method_mismatch, read_checkpoint
 from lightning_ssl.datamodules.audio import AudioFolder
 from lightning_ssl.distributed import launcher_trainer_flags
 from lightning_ssl.evaluation.export import export_main, load_encoder
@@ -56,6 +58,7 @@ from lightning_ssl.evaluation.speaker import (
     verification_metrics,
 )
 from lightning_ssl.methods import SSLMethod
+from lightning_ssl.methods.base import checkpoint_method
 
 __all__ = ["main", "SSLCLI", "speaker_eval_main"]
 
@@ -150,6 +153,49 @@ class SSLCLI(LightningCLI):
         SSLCLI.trainer_instance = super().instantiate_trainer(**kwargs)
         return SSLCLI.trainer_instance
 
+    def _config_model_class(self) -> type | None:
+        model = self.config[self.config.subcommand].get("model")
+        path = getattr(model, "class_path", None)
+        if not isinstance(path, str) or "." not in path:
+            return None
+        module, _, name = path.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return None
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI replaces the config's model by the one the checkpoint names: a BYOL checkpoint
+        # given to a SimCLR config would silently train BYOL into the SimCLR run's folder. Stop first.
+        if self.config.get("subcommand"):
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            if ckpt_path and Path(ckpt_path).is_file():
+                _check_checkpoint_method(ckpt_path, self._config_model_class())
+        super()._parse_ckpt_path()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # "last"/"hpc"/"best" name a file only once the trainer exists: check it before anything is written
+        ckpt_path = self.config_init[subcommand].get("ckpt_path")
+        if isinstance(ckpt_path, str) and not Path(ckpt_path).is_file():
+            try:
+                resolved = self.trainer._checkpoint_connector._parse_ckpt_path(
+                    TrainerFn(subcommand), ckpt_path, model_provided=True, model_connected=False
+                )
+            except (AttributeError, TypeError, ValueError):
+                resolved = None  # Lightning reports an unknown or unavailable value itself
+            if resolved and Path(resolved).is_file():
+                _check_checkpoint_method(resolved, type(self.model))
+        super()._run_subcommand(subcommand)
+
+
+def _check_checkpoint_method(ckpt_path: str | Path, model: type | None) -> None:
+    """Raise (one line) when ``ckpt_path`` cannot be read or was written by another method than ``model``."""
+    ckpt = read_checkpoint(ckpt_path)
+    if model is not None and isinstance(model, type) and issubclass(model, SSLMethod):
+        message = method_mismatch(ckpt_path, checkpoint_method(ckpt), model)
+        if message:
+            raise TypeError(message)
+
 
 def _remove_empty_log_dir(trainer: pl.Trainer | None) -> None:
     """A failed run leaves no ``version_N`` folder holding only its config."""
@@ -210,26 +256,8 @@ def _quiet_lightning_tips() -> None:
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["export"]:
-        return export_main(argv[1:])
-    if argv[:1] == ["speaker-eval"]:
-        speaker_eval_main(argv[1:])
-        return None
-    SSLCLI.trainer_instance = None
-    _quiet_lightning_tips()
-    if any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in argv):
-        # resuming writes into the run's own checkpoint folder, which is meant to be non-empty
-        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     try:
-        SSLCLI(
-            SSLMethod,
-            pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            auto_configure_optimizers=False,
-        )
+        _run(argv, args)
     except Preempted as stop:
         sys.stderr.write(f"lightning-ssl: stopped by a signal; checkpoint {stop.path}. Resume with --ckpt_path last\n")
         raise
@@ -240,6 +268,29 @@ def main(args: list[str] | None = None) -> None:
         message = short_message(str(err)).strip()
         sys.stderr.write(f"lightning-ssl: error: {message}\n(set LIGHTNING_SSL_DEBUG=1 to see the traceback)\n")
         sys.exit(1)
+
+
+def _run(argv: list[str], args: list[str] | None) -> None:
+    SSLCLI.trainer_instance = None
+    if argv[:1] == ["export"]:
+        export_main(argv[1:])
+        return
+    if argv[:1] == ["speaker-eval"]:
+        speaker_eval_main(argv[1:])
+        return
+    _quiet_lightning_tips()
+    if any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in argv):
+        # resuming writes into the run's own checkpoint folder, which is meant to be non-empty
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    SSLCLI(
+        SSLMethod,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        auto_configure_optimizers=False,
+    )
 
 
 if __name__ == "__main__":

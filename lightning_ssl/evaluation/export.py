@@ -45,6 +45,7 @@ from lightning_ssl.backbones import (
     small_image_stem,
     strip_classifier,
 )
+from lightning_ssl.checkpoints import method_mismatch, read_checkpoint
 from lightning_ssl.patches import PatchGridEncoder
 
 __all__ = [
@@ -59,16 +60,6 @@ __all__ = [
 ]
 
 _PREFIX = "backbone.module."
-
-
-def _read_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; give the path of a Lightning .ckpt file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
-    return ckpt
 
 
 def _is_lightning_checkpoint(obj) -> bool:
@@ -166,7 +157,7 @@ def export_backbone(
     ``batch_norm_to_layer_norm(torchvision_model(arch))``. CPC evaluates its encoder on a patch grid
     (``PatchGridEncoder``); the file holds the backbone's weights only.
     """
-    ckpt = _read_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint)
     spec = encoder_spec(ckpt)
     if _is_audio(spec):
         state = encoder_state_dict(ckpt)
@@ -204,7 +195,7 @@ def load_encoder(path: str | Path, arch: str | None = None, small_image: bool = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder file {path} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = read_checkpoint(path) if path.suffix == ".ckpt" else torch.load(path, map_location="cpu", weights_only=False)
     if _is_lightning_checkpoint(obj):
         spec = encoder_spec(obj)
         if _is_audio(spec):
@@ -252,6 +243,24 @@ def export_main(argv: list[str]) -> None:
         "--arch", default=None, help="torchvision architecture, when the method was built on an nn.Module backbone"
     )
     parser.add_argument("--num-classes", type=int, default=1000, help="size of the (random) classifier in the file")
+    parser.add_argument(
+        "--model", default=None, help="the method the checkpoint must be of (e.g. SimCLR); stops if it is another"
+    )
     args = parser.parse_args(argv)
+    if args.model is not None:
+        _check_method(args.checkpoint, args.model)
     out = export_backbone(args.checkpoint, args.out, num_classes=args.num_classes, arch=args.arch)
     print(f"wrote {out}")
+
+
+def _check_method(checkpoint: str, name: str) -> None:
+    """Stop (one line) when ``checkpoint`` was written by another method than ``name``."""
+    from lightning_ssl import methods  # the registry imports this module: import at call time
+    from lightning_ssl.methods.base import checkpoint_method
+
+    model = getattr(methods, name.rpartition(".")[2], None)
+    if not isinstance(model, type) or not issubclass(model, methods.SSLMethod):
+        raise ValueError(f"--model {name} is not a method of lightning_ssl (e.g. SimCLR, BYOL, DINO)")
+    message = method_mismatch(checkpoint, checkpoint_method(read_checkpoint(checkpoint)), model)
+    if message:
+        raise TypeError(message)

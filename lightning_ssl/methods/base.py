@@ -32,6 +32,7 @@ from lightning_ssl.callbacks import (
     SSLProgressBar,
     ViewGridLogger,
 )
+from lightning_ssl.checkpoints import read_checkpoint
 from lightning_ssl.contracts import HasEMATargets, LabeledDataModule, require
 from lightning_ssl.evaluation.baselines import calibrate_norm_statistics
 from lightning_ssl.evaluation.knn import extract_features, knn_accuracy
@@ -212,7 +213,10 @@ class SSLMethod(pl.LightningModule):
         """``LightningModule.load_from_checkpoint``, plus: ``SSLMethod.load_from_checkpoint(path)`` builds
         whichever method wrote the checkpoint; a checkpoint of another method is a clear error; checkpoints
         of earlier releases are migrated to today's argument names."""
-        checkpoint = torch.load(checkpoint_path, map_location=map_location or "cpu", weights_only=False)
+        if isinstance(checkpoint_path, (str, Path)):
+            checkpoint = read_checkpoint(checkpoint_path)
+        else:
+            checkpoint = torch.load(checkpoint_path, map_location=map_location or "cpu", weights_only=False)
         method = checkpoint_method(checkpoint)
         if cls is SSLMethod and method is None:
             raise ValueError(f"{checkpoint_path} does not say which method wrote it: load it with that class")
