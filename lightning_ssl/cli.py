@@ -44,6 +44,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 import lightning_ssl.datamodules  # noqa: F401  (registers the datamodules for short class names)
+import lightning_ssl.methods
 from lightning_ssl.callbacks import DivergenceError, Preempted
 from lightning_ssl.checkpoints import method_mismatch, read_checkpoint
 from lightning_ssl.datamodules.audio import AudioFolder
@@ -57,6 +58,7 @@ from lightning_ssl.evaluation.speaker import (
     utterance_embeddings,
     verification_metrics,
 )
+from lightning_ssl.global_batch_norm import GlobalBatchNormSync
 from lightning_ssl.methods import SSLMethod
 from lightning_ssl.methods.base import checkpoint_method
 
@@ -153,6 +155,15 @@ class SSLCLI(LightningCLI):
         SSLCLI.trainer_instance = super().instantiate_trainer(**kwargs)
         return SSLCLI.trainer_instance
 
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
+        # Lightning's sync_batchnorm is torch's SyncBatchNorm, GPUs only: elsewhere, the same global
+        # statistics from GlobalBatchNorm (lightning_ssl/global_batch_norm.py)
+        if config.get("sync_batchnorm") and not _on_gpus(config.get("accelerator")):
+            plugins = config.get("plugins") or []
+            plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+            config = {**config, "sync_batchnorm": False, "plugins": [*plugins, GlobalBatchNormSync()]}
+        return super()._instantiate_trainer(config, callbacks)
+
     def _config_model_class(self) -> type | None:
         model = self.config[self.config.subcommand].get("model")
         path = getattr(model, "class_path", None)
@@ -188,6 +199,12 @@ class SSLCLI(LightningCLI):
         super()._run_subcommand(subcommand)
 
 
+def _on_gpus(accelerator) -> bool:
+    if isinstance(accelerator, str):
+        return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return accelerator is not None and "cuda" in type(accelerator).__name__.lower()
+
+
 def _check_checkpoint_method(ckpt_path: str | Path, model: type | None) -> None:
     """Raise (one line) when ``ckpt_path`` cannot be read or was written by another method than ``model``."""
     ckpt = read_checkpoint(ckpt_path)
@@ -195,6 +212,14 @@ def _check_checkpoint_method(ckpt_path: str | Path, model: type | None) -> None:
         message = method_mismatch(ckpt_path, checkpoint_method(ckpt), model)
         if message:
             raise TypeError(message)
+
+
+def _check_named_method(ckpt_path: str, name: str) -> None:
+    """``export --model NAME``: stop (one line) when ``ckpt_path`` is not a checkpoint of method ``NAME``."""
+    model = getattr(lightning_ssl.methods, name.rpartition(".")[2], None)
+    if not isinstance(model, type) or not issubclass(model, SSLMethod):
+        raise ValueError(f"--model {name} is not a method of lightning_ssl (e.g. SimCLR, BYOL, DINO)")
+    _check_checkpoint_method(ckpt_path, model)
 
 
 def _remove_empty_log_dir(trainer: pl.Trainer | None) -> None:
@@ -273,7 +298,7 @@ def main(args: list[str] | None = None) -> None:
 def _run(argv: list[str], args: list[str] | None) -> None:
     SSLCLI.trainer_instance = None
     if argv[:1] == ["export"]:
-        export_main(argv[1:])
+        export_main(argv[1:], check_model=_check_named_method)
         return
     if argv[:1] == ["speaker-eval"]:
         speaker_eval_main(argv[1:])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ from lightning_ssl.backbones import (
     small_image_stem,
     strip_classifier,
 )
-from lightning_ssl.checkpoints import method_mismatch, read_checkpoint
+from lightning_ssl.checkpoints import read_checkpoint
 from lightning_ssl.patches import PatchGridEncoder
 
 __all__ = [
@@ -59,8 +60,6 @@ __all__ = [
     "encoder_sidecar",
 ]
 
-_PREFIX = "backbone.module."
-
 
 def _is_lightning_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj
@@ -71,13 +70,15 @@ def _is_audio(spec: dict) -> bool:
 
 
 def encoder_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
-    """The online encoder's weights of a Lightning checkpoint, with torchvision key names (for an
-    audio method: the ``CPCAudioEncoder``'s own key names)."""
-    prefix = "backbone." if _is_audio(encoder_spec(ckpt)) else _PREFIX
+    """The evaluated encoder's weights of a Lightning checkpoint, with torchvision key names (for an
+    audio method: the ``CPCAudioEncoder``'s own key names): the online backbone, or the entries
+    ``encoder_spec(ckpt)["state_prefix"]`` names (DINO's teacher, ``backbone_ema.``)."""
+    spec = encoder_spec(ckpt)
+    prefix = spec.get("state_prefix", "backbone.") + ("" if _is_audio(spec) else "module.")
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not state:
         raise ValueError(
-            f"no '{_PREFIX}*' weights in the checkpoint: it was not written by an lightning_ssl method "
+            f"no '{prefix}*' weights in the checkpoint: it was not written by an lightning_ssl method "
             "(SSLMethod keeps its encoder in `self.backbone`)"
         )
     return state
@@ -230,8 +231,9 @@ def load_encoder(path: str | Path, arch: str | None = None, small_image: bool = 
     return encoder, dim
 
 
-def export_main(argv: list[str]) -> None:
-    """``lightning-ssl export CKPT OUT.pt [--num-classes N]``."""
+def export_main(argv: list[str], check_model: Callable[[str, str], None] | None = None) -> None:
+    """``lightning-ssl export CKPT OUT.pt [--num-classes N] [--model NAME]``; ``check_model(ckpt, NAME)``
+    stops a checkpoint of another method (the CLI passes the registry's check)."""
     parser = argparse.ArgumentParser(
         prog="lightning-ssl export",
         description="Write the encoder of a method's checkpoint as a torchvision state_dict "
@@ -248,19 +250,8 @@ def export_main(argv: list[str]) -> None:
     )
     args = parser.parse_args(argv)
     if args.model is not None:
-        _check_method(args.checkpoint, args.model)
+        if check_model is None:
+            raise ValueError("--model is checked by the lightning-ssl export command; run it from there")
+        check_model(args.checkpoint, args.model)
     out = export_backbone(args.checkpoint, args.out, num_classes=args.num_classes, arch=args.arch)
     print(f"wrote {out}")
-
-
-def _check_method(checkpoint: str, name: str) -> None:
-    """Stop (one line) when ``checkpoint`` was written by another method than ``name``."""
-    from lightning_ssl import methods  # the registry imports this module: import at call time
-    from lightning_ssl.methods.base import checkpoint_method
-
-    model = getattr(methods, name.rpartition(".")[2], None)
-    if not isinstance(model, type) or not issubclass(model, methods.SSLMethod):
-        raise ValueError(f"--model {name} is not a method of lightning_ssl (e.g. SimCLR, BYOL, DINO)")
-    message = method_mismatch(checkpoint, checkpoint_method(read_checkpoint(checkpoint)), model)
-    if message:
-        raise TypeError(message)
