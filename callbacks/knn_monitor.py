@@ -82,7 +82,8 @@ class KNNMonitor(pl.Callback):
         if backbone is not None:
             backbone.eval()
         try:
-            encode = lambda x: pl_module.representation(x, backbone=backbone)  # noqa: E731
+            # in the module's precision (float64 under precision='64-true'): these loaders bypass Lightning's
+            encode = lambda x: pl_module.representation(x.to(pl_module.dtype), backbone=backbone)  # noqa: E731
             train_x, train_y = extract_features(encode, train_loader, pl_module.device, desc and f"{desc}: train")
             val_x, val_y = extract_features(encode, val_loader, pl_module.device, desc and f"{desc}: held-out")
         finally:

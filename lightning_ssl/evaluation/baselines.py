@@ -36,6 +36,7 @@ def calibrate_norm_statistics(
     if not norms:
         return backbone.eval()
     device = device or next(backbone.parameters()).device
+    dtype = next(backbone.parameters()).dtype
     encode = encode or backbone
     momenta = [m.momentum for m in norms]
     backbone.eval()
@@ -48,7 +49,7 @@ def calibrate_norm_statistics(
         for images, _ in loader:
             if max_images is not None and seen >= max_images:
                 break
-            images = images.to(device)
+            images = images.to(device, dtype) if images.is_floating_point() else images.to(device)
             if max_images is not None:
                 images = images[: max_images - seen]
             encode(images)

@@ -155,7 +155,7 @@ class CPC(SSLMethod):
     ) -> nn.Module:
         if self.encoder_norm == "layer" and isinstance(self.hparams.get("backbone"), str):
             # CPC v2's layer norm has no running statistics: nothing to calibrate
-            return batch_norm_to_layer_norm(super().random_init_backbone(seed)).to(self.device)
+            return batch_norm_to_layer_norm(super().random_init_backbone(seed)).to(self.device, self.dtype)
         return super().random_init_backbone(seed, calibrate_on, max_images)
 
     # ----------------------------------------------------------------------- training
