@@ -27,8 +27,11 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 __all__ = [
+    "zero_init_residual",
+    "set_drop_path",
     "build_backbone",
     "PooledBackbone",
     "reset_parameters",
@@ -170,14 +173,49 @@ def _vit_layer(name: str, depth: int) -> int:
     return depth + 1
 
 
+class _DropPathEncoderBlock(torchvision.models.vision_transformer.EncoderBlock):
+    """torchvision's ``EncoderBlock`` with stochastic depth on both residual branches (same parameters)."""
+
+    drop_path: StochasticDepth
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = self.ln_1(input)
+        x, _ = self.self_attention(x, x, x, need_weights=False)
+        x = input + self.drop_path(self.dropout(x))
+        return x + self.drop_path(self.mlp(self.ln_2(x)))
+
+
+def set_drop_path(backbone: nn.Module, rate: float) -> nn.Module:
+    """Stochastic depth (Huang et al. 2016) on the blocks of a torchvision or timm ViT ``backbone``, in place:
+    block ``i`` of ``depth`` drops its residual branches per sample with probability ``rate * i / (depth - 1)``
+    (DINO's and timm's linear rule). Parameter names do not change; other networks are returned as they are."""
+    depth = vit_depth(backbone)
+    if depth is None:
+        return backbone
+    inner = backbone.module if isinstance(backbone, PooledBackbone) else backbone
+    rates = torch.linspace(0, rate, depth).tolist()
+    if isinstance(inner, torchvision.models.VisionTransformer):
+        for block, p in zip(inner.encoder.layers, rates):
+            block.__class__ = _DropPathEncoderBlock
+            block.drop_path = StochasticDepth(p, "row")
+    else:
+        for block, p in zip(inner.blocks, rates):
+            for name in ("drop_path1", "drop_path2"):
+                if hasattr(block, name):
+                    setattr(block, name, StochasticDepth(p, "row") if p > 0 else nn.Identity())
+    return backbone
+
+
 def vit_parameter_groups(
-    model: nn.Module, backbone: nn.Module, weight_decay: float, layer_decay: float = 1.0
+    model: nn.Module, backbone: nn.Module, weight_decay: float, layer_decay: float = 1.0, decay_tokens: bool = False
 ) -> list[dict]:
     """Optimizer groups for a method with a ViT ``backbone`` (a submodule of ``model``): layer-wise lr decay
     (BEiT, Bao et al. 2022; MAE, He et al. 2022): a backbone parameter of layer ``l`` (0 the patch and
     position embeddings, ``i + 1`` block ``i``, ``depth + 1`` the final norm) gets ``lr_scale =
     layer_decay ** (depth + 1 - l)``, the method's heads 1; no weight decay (nor LARS adaptation) for
-    biases, norm parameters, position embeddings and class/register tokens. ``layer_decay=1``: no decay."""
+    biases, norm parameters, position embeddings and class/register tokens (``decay_tokens=True``: weight decay on
+    the embeddings and tokens too, as DINO's ``get_params_groups`` exempts only biases and 1-d parameters).
+    ``layer_decay=1``: no decay."""
     depth = vit_depth(backbone)
     if depth is None:
         raise ValueError("vit_parameter_groups needs a torchvision or timm ViT backbone")
@@ -188,7 +226,7 @@ def vit_parameter_groups(
             continue
         bb_name = in_backbone.get(id(p))
         layer = _vit_layer(bb_name, depth) if bb_name is not None else depth + 1
-        no_decay = p.ndim <= 1 or any(name.endswith(k) for k in _NO_DECAY_NAMES)
+        no_decay = p.ndim <= 1 or (not decay_tokens and any(name.endswith(k) for k in _NO_DECAY_NAMES))
         scale = layer_decay ** (depth + 1 - layer)
         key = (scale, no_decay)
         if key not in groups:
@@ -251,11 +289,23 @@ def infer_feature_dim(module: nn.Module, image_size: int = 224) -> int:
     return int(out.shape[1])
 
 
+def zero_init_residual(model: nn.Module) -> nn.Module:
+    """The last batch norm of every torchvision ResNet residual block starts at weight 0, so each block starts
+    as the identity (Goyal et al. 2017; torchvision's ``zero_init_residual=True``), in place."""
+    for m in model.modules():
+        if isinstance(m, torchvision.models.resnet.Bottleneck):
+            nn.init.zeros_(m.bn3.weight)
+        elif isinstance(m, torchvision.models.resnet.BasicBlock):
+            nn.init.zeros_(m.bn2.weight)
+    return model
+
+
 def build_backbone(
     backbone: str | nn.Module,
     small_image: bool = False,
     feature_dim: int | None = None,
     weights_path: str | Path | None = None,
+    zero_init_residual_bn: bool = False,
 ) -> tuple[nn.Module, int]:
     """Build an encoder and return ``(module, feature_dim)``.
 
@@ -268,6 +318,8 @@ def build_backbone(
         feature_dim: the output dimension, when it cannot be inferred from a dummy forward.
         weights_path: a local file with a torchvision state_dict (e.g. supervised ImageNet weights)
             loaded with ``strict=True`` before the classifier is removed. Nothing is downloaded.
+        zero_init_residual_bn: a ResNet named by ``backbone`` starts with each residual block's last batch-norm
+            weight at 0 (``zero_init_residual``; not applied to loaded weights or to a module passed in).
     """
     if isinstance(backbone, str) and backbone.startswith(TIMM_PREFIX):
         if weights_path is not None:
@@ -284,6 +336,8 @@ def build_backbone(
                 "(e.g. resnet18, resnet50; all: torchvision.models.list_models()) or pass an nn.Module."
             )
         model = torchvision.models.get_model(backbone, weights=None)
+        if zero_init_residual_bn and weights_path is None:
+            zero_init_residual(model)
         if weights_path is not None:
             state = torch.load(weights_path, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -141,13 +141,17 @@ def split_weight_decay(modules: Iterable[nn.Module], weight_decay: float) -> lis
     ]
 
 
-def lr_lambda(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine") -> float:
-    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+def lr_lambda(
+    step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine", final: float = 0.0
+) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based). The cosine goes from 1
+    after the warmup to ``final`` (the final lr over the peak lr: SwAV's ``final_lr``, DINO's ``min_lr``)
+    at step ``total_steps``, the end of the last optimizer step (the references' ``cosine_scheduler``)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "cosine":
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     if schedule == "step":
         progress = step / max(1, total_steps)
         return 0.1 ** sum(progress >= m for m in (0.6, 0.8))

@@ -151,3 +151,91 @@ def test_per_parameter_gradient_clipping():
     for n, p in model.named_parameters():
         if p.grad is not None:
             assert p.grad.norm().item() == pytest.approx(min(before[n], 0.5), rel=1e-4), n
+
+
+# ----------------------------------------------------------------- the teacher is the representation
+def _trained_resnet_dino(tmp_path, **kwargs) -> tuple[DINO, str]:
+    torch.manual_seed(0)
+    args = dict(out_dim=16, head_hidden_dim=32, head_bottleneck_dim=8, warmup_epochs=0, ema_tau=0.5)
+    model = DINO("resnet18", small_image=True, optimizer="sgd", base_lr=0.5, **{**args, **kwargs})
+    trainer = quiet_trainer(max_steps=2, default_root_dir=tmp_path)
+    trainer.fit(model, RandomTwoViews(16, 8, image_size=16))
+    path = str(tmp_path / "dino.ckpt")
+    trainer.save_checkpoint(path)
+    return model, path
+
+
+def test_representation_validate_and_export_use_the_teacher(tmp_path):
+    """The paper's code evaluates the teacher (eval_knn.py, eval_linear.py: --checkpoint_key teacher)."""
+    from lightning_ssl.evaluation import export_backbone, load_encoder
+
+    model, ckpt = _trained_resnet_dino(tmp_path)
+    teacher = dict(model.backbone_ema.module.state_dict())
+    student = model.backbone.module.state_dict()
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher), "2 steps at tau 0.5 separate them"
+    x = torch.randn(4, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.representation(x), model.backbone_ema(x))
+        torch.testing.assert_close(model(x), model.backbone_ema(x))
+    out = export_backbone(ckpt, tmp_path / "dino.pt")
+    exported = torch.load(out, weights_only=True)
+    for key, value in teacher.items():
+        assert torch.equal(exported[key], value), key
+    assert set(exported) - set(teacher) == {"fc.weight", "fc.bias"}
+    encoder, _ = load_encoder(ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.eval()(x), model.backbone_ema(x))
+
+
+def test_evaluate_student_keeps_the_student(tmp_path):
+    from lightning_ssl.evaluation import export_backbone
+
+    model, ckpt = _trained_resnet_dino(tmp_path, evaluate="student")
+    x = torch.randn(4, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.representation(x), model.backbone(x))
+    exported = torch.load(export_backbone(ckpt, tmp_path / "student.pt"), weights_only=True)
+    for key, value in model.backbone.module.state_dict().items():
+        assert torch.equal(exported[key], value), key
+    with pytest.raises(ValueError, match="evaluate must be 'teacher' or 'student'"):
+        _model(evaluate="ema")
+
+
+# ----------------------------------------------------------------- ViT: drop path and token decay
+def _vit_dino(**kwargs) -> DINO:
+    import torchvision
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(
+        image_size=16, patch_size=4, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32
+    )
+    return DINO(vit, out_dim=16, head_hidden_dim=32, head_bottleneck_dim=8, warmup_epochs=0, **kwargs)
+
+
+def test_student_vit_has_drop_path_0_1_and_the_teacher_none():
+    model = _vit_dino()
+    student = model.backbone.module.encoder.layers
+    assert [block.drop_path.p for block in student] == pytest.approx([0.0, 0.05, 0.1])
+    assert all(block.drop_path.mode == "row" for block in student)
+    assert not any(hasattr(block, "drop_path") for block in model.backbone_ema.module.encoder.layers)
+    assert list(model.backbone.state_dict()) == list(model.backbone_ema.state_dict())
+    x = torch.randn(64, 3, 16, 16)
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model.backbone(x), model.backbone(x))  # blocks dropped per sample
+        torch.testing.assert_close(model.backbone_ema(x), model.backbone_ema(x))
+        model.eval()
+        torch.testing.assert_close(model.backbone(x), model.backbone(x))
+    assert all(block.drop_path.p == 0 for block in _vit_dino(drop_path=0.0).backbone.module.encoder.layers)
+
+
+def test_vit_position_embedding_and_class_token_are_decayed():
+    model = _vit_dino(weight_decay=0.04)
+    decay_of = {id(p): g["weight_decay"] for g in model.parameter_groups(0.04) for p in g["params"]}
+    vit = model.backbone.module
+    assert decay_of[id(vit.encoder.pos_embedding)] == 0.04 and decay_of[id(vit.class_token)] == 0.04
+    block = vit.encoder.layers[0]
+    assert decay_of[id(block.ln_1.weight)] == 0.0 and decay_of[id(block.mlp[0].bias)] == 0.0
+    assert decay_of[id(block.mlp[0].weight)] == 0.04

@@ -10,7 +10,7 @@ from conftest import TinyConvNet
 from helpers import quiet_trainer
 from image_trees import CIFAR_CLASSES, make_tree
 
-from lightning_ssl import REGISTRY
+from lightning_ssl import REGISTRY, BarlowTwins, SimSiam, VICReg
 from lightning_ssl.cli import main
 from lightning_ssl.queue import nearest_neighbours
 
@@ -159,3 +159,24 @@ def test_cifar_config_fits_two_steps_through_the_cli(name, cifar_tree, tmp_path,
     ])
     # fmt: on
     assert list(tmp_path.rglob("last.ckpt")) and list(tmp_path.rglob("metrics.csv"))
+
+
+@pytest.mark.parametrize("cls", [SimSiam, BarlowTwins, VICReg])
+def test_named_resnets_start_with_zero_initialized_residual_batch_norms(cls):
+    """As all three reference codes build their ResNets (``zero_init_residual=True``); the random-init
+    baseline of the final report starts the same way."""
+    import torchvision
+
+    from lightning_ssl import SimCLR
+
+    def last_bn_weights(backbone):
+        blocks = [m for m in backbone.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
+        assert len(blocks) == 8
+        return torch.cat([b.bn2.weight.detach() for b in blocks])
+
+    model = cls(backbone="resnet18", small_image=True)
+    assert torch.count_nonzero(last_bn_weights(model.backbone)) == 0
+    assert torch.count_nonzero(last_bn_weights(model.random_init_backbone(seed=3))) == 0
+    first = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    assert torch.all(first.weight == 1)  # only the blocks' last batch norms
+    assert torch.all(last_bn_weights(SimCLR(backbone="resnet18", small_image=True).backbone) == 1)

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import TinyConvNet
 from torch import nn
 
 from lightning_ssl import BYOL, MoCo, MoCoV2, SimCLR
 from lightning_ssl.optim import LARS, lr_lambda, scaled_lr, split_weight_decay
-from tests.conftest import TinyConvNet
 
 
 def test_lars_matches_reference_update():
@@ -191,3 +191,34 @@ def test_method_lars_and_scaling_arguments_reach_the_optimizer(tmp_path):
     assert group["eta"] == 0.02 and group["clip_lr"] is True
     with pytest.raises(ValueError, match="lr_scaling"):
         SimCLR(TinyConvNet(), lr_scaling="quadratic")
+
+
+def test_cosine_ends_at_the_final_lr(tmp_path):
+    """SwAV's 800-epoch script: base 4.8 to final 0.0048 (final_lr = base_lr / 1000), after 10 warmup epochs."""
+    assert lr_lambda(100, 100, 10, final=0.001) == pytest.approx(0.001)
+    assert lr_lambda(10, 100, 10, final=0.001) == pytest.approx(1.0)
+    assert lr_lambda(55, 100, 10, final=0.25) == pytest.approx(0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    from helpers import RandomTwoViews, quiet_trainer
+
+    model = SimCLR(TinyConvNet(), optimizer="sgd", base_lr=0.3, final_lr=0.0003, warmup_epochs=1)
+    trainer = quiet_trainer(max_steps=6, default_root_dir=tmp_path)
+    trainer.fit(model, RandomTwoViews(16, 8, image_size=16))  # 2 steps per epoch, 1 warmup epoch
+    peak = 0.3 * 8 / 256
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 6  # after the last (6th) optimizer step: the schedule's end
+    for group in trainer.optimizers[0].param_groups:
+        assert group["lr"] == pytest.approx(peak / 1000)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"base_lr": -1.0}, r"base_lr must be positive, got -1.0 \(the lr for a global batch of 256\)"),
+        ({"lr": 0.0}, "lr must be positive, got 0.0"),
+        ({"weight_decay": -1e-4}, "weight_decay and warmup_epochs must be >= 0"),
+        ({"base_lr": 0.3, "final_lr": 0.5}, r"final_lr must lie in \[0, base_lr=0.3\], got 0.5"),
+    ],
+)
+def test_bad_optimizer_arguments_fail_at_construction_in_the_users_terms(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SimCLR(TinyConvNet(), **kwargs)

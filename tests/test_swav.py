@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import TinyConvNet
 from helpers import RandomTwoViews, quiet_trainer
@@ -132,3 +133,31 @@ def test_queue_fills_from_its_start_epoch_and_joins_the_codes_once_full(tmp_path
     quiet_trainer(max_epochs=1, default_root_dir=tmp_path).fit(model, RandomTwoViews(16, 4, image_size=16))
     assert torch.allclose(model.queue.norm(dim=2), torch.ones(2, 8))  # filled with unit projections
     assert rows == [4] * 4 + [12] * 4  # 4 batches of 4 per view: full (8) after two
+
+
+class _PrototypeTrace(pl.Callback):
+    def __init__(self):
+        self.weights = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append(pl_module.prototypes.weight.detach().clone())
+
+
+def test_prototypes_are_frozen_for_the_first_epoch_by_default(tmp_path):
+    """The paper's "first epoch" (default ``freeze_prototypes_epochs=1``), whatever the epoch's length:
+    3 steps per epoch here, so steps 0-2 leave them (normalized) as they were and step 3 moves them."""
+    trace = _PrototypeTrace()
+    model = _model(optimizer="sgd", lr=1.0)
+    assert model.freeze_prototypes_epochs == 1.0 and model.freeze_prototypes_steps is None
+    trainer = quiet_trainer(max_steps=5, default_root_dir=tmp_path, callbacks=[trace])
+    trainer.fit(model, RandomTwoViews(24, 8, image_size=16))
+    assert model.frozen_prototype_steps() == 3
+    # the step-k weights are normalized at the start of step k + 1: compare directions
+    directions = [torch.nn.functional.normalize(w, dim=1) for w in trace.weights]
+    assert all(torch.allclose(directions[0], d) for d in directions[1:3])
+    assert not torch.allclose(directions[2], directions[3])
+    half = _model(freeze_prototypes_epochs=0.5, optimizer="sgd", lr=1.0)
+    quiet_trainer(max_steps=1, default_root_dir=tmp_path).fit(half, RandomTwoViews(24, 8, image_size=16))
+    assert half.frozen_prototype_steps() == 2  # ceil(0.5 x 3)
+    with pytest.raises(ValueError, match="freeze_prototypes_epochs"):
+        _model(freeze_prototypes_epochs=-1)

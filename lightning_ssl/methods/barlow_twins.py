@@ -33,6 +33,10 @@ class BarlowTwins(SSLMethod):
         bias_lr_scale: the lr of biases and norm parameters relative to the weights' (0.0048 / 0.2).
     """
 
+    zero_init_residual = (
+        True  # the reference ``main.py`` builds ``torchvision.models.resnet50(zero_init_residual=True)``
+    )
+
     def __init__(
         self,
         backbone: str | nn.Module = "resnet50",

@@ -118,6 +118,8 @@ class SSLMethod(pl.LightningModule):
         lars_clip: clip LARS's per-layer lr at the global lr (solo-learn's ``clip_lr``; off in the papers).
         warmup_epochs: linear warmup length (fractions allowed).
         schedule: ``cosine``, ``step`` (x0.1 at 60% and 80%) or ``constant``.
+        final_lr: where the cosine ends, as a learning rate (SwAV's ``final_lr``, DINO's ``min_lr``), scaled
+            with the peak lr by the global batch like ``base_lr`` (so ``final_lr / base_lr`` is kept); 0 by default.
         layer_decay: ViT backbones only: layer-wise lr decay (``backbones.vit_parameter_groups``; 1.0, the
             default, is none). ViTs' position embeddings and class token get no weight decay.
 
@@ -151,6 +153,7 @@ class SSLMethod(pl.LightningModule):
         lars_clip: bool = False,
         warmup_epochs: float = 0.0,
         schedule: str = "cosine",
+        final_lr: float = 0.0,
         channels_last: bool = False,
         compile_backbone: bool = False,
         fused_optimizer: bool = False,
@@ -164,6 +167,16 @@ class SSLMethod(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+        if not base_lr > 0:
+            raise ValueError(f"base_lr must be positive, got {base_lr} (the lr for a global batch of 256)")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if weight_decay < 0 or warmup_epochs < 0:
+            raise ValueError(f"weight_decay and warmup_epochs must be >= 0, got {weight_decay} and {warmup_epochs}")
+        peak = lr if lr is not None else base_lr
+        if not 0 <= final_lr <= peak:
+            name = "lr" if lr is not None else "base_lr"
+            raise ValueError(f"final_lr must lie in [0, {name}={peak}], got {final_lr}")
         if lr_scaling not in LR_SCALING:
             raise ValueError(f"lr_scaling must be one of {', '.join(LR_SCALING)}; got {lr_scaling!r}")
         if lars_eta <= 0:
@@ -189,17 +202,22 @@ class SSLMethod(pl.LightningModule):
             lars_clip=lars_clip,
             warmup_epochs=warmup_epochs,
             schedule=schedule,
+            final_lr=final_lr,
             fused=fused_optimizer,
         )
         self.channels_last, self.compile_backbone = channels_last, compile_backbone
         self._compiled = False
         self.register_load_state_dict_pre_hook(_rename_legacy_keys)
 
+    # A named ResNet starts with zero-initialized residual batch norms (build_backbone); methods whose
+    # reference code builds it so set this (SimSiam, Barlow Twins, VICReg)
+    zero_init_residual: bool = False
+
     def build_encoder(self, backbone: str | nn.Module, small_image: bool) -> tuple[nn.Module, int]:
         """``(module, feature_dim)`` for the ``backbone`` argument: a torchvision image encoder
         (``build_backbone``). A method on another modality (``CPCAudio``) overrides it; it runs in
         ``__init__`` after ``save_hyperparameters``, so ``self.hparams`` holds every argument."""
-        return build_backbone(backbone, small_image=small_image)
+        return build_backbone(backbone, small_image=small_image, zero_init_residual_bn=self.zero_init_residual)
 
     @classmethod
     def load_from_checkpoint(
@@ -334,8 +352,10 @@ class SSLMethod(pl.LightningModule):
         if isinstance(name, str):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                module, _ = build_backbone(name, small_image=self.small_image)
-            module = module.to(self.device)
+                module, _ = build_backbone(
+                    name, small_image=self.small_image, zero_init_residual_bn=self.zero_init_residual
+                )
+            module = module.to(self.device, self.dtype)
         else:
             module = reset_parameters(self.backbone, seed)
         if calibrate_on is not None:
@@ -444,7 +464,8 @@ class SSLMethod(pl.LightningModule):
             lars_clip=cfg["lars_clip"],
         )
         # LambdaLR keeps a multiplier per group (scheduler checkpoints store no functions, only the step)
-        scheduled = lambda step: lr_lambda(step, total_steps, warmup_steps, cfg["schedule"])  # noqa: E731
+        final = cfg["final_lr"] / (cfg["lr"] if cfg["lr"] is not None else cfg["base_lr"])
+        scheduled = lambda step: lr_lambda(step, total_steps, warmup_steps, cfg["schedule"], final)  # noqa: E731
         lambdas = [(lambda step: 1.0) if g.get("fixed_lr") else scheduled for g in groups]
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_ssl.backbones import set_drop_path, vit_depth, vit_parameter_groups
 from lightning_ssl.callbacks import EMAUpdate
 from lightning_ssl.ema import cosine_tau, ema_copy
 from lightning_ssl.heads import DINOHead
@@ -44,6 +45,11 @@ class DINO(SSLMethod):
         freeze_last_layer_epochs: epochs during which the head's last layer gets no update.
         clip_grad: per-parameter gradient-norm limit (0: none).
         weight_decay_final: the weight decay at the last step (cosine from ``weight_decay``).
+        drop_path: stochastic depth of the student's ViT blocks (``backbones.set_drop_path``; DINO's
+            ``drop_path_rate`` 0.1; the teacher has none). No effect on other backbones.
+        evaluate: which backbone is the representation (kNN monitor, final report, ``validate``,
+            ``predict``, ``export``, ``load_encoder``): ``"teacher"``, as the paper's code evaluates
+            (``eval_knn.py``/``eval_linear.py --checkpoint_key teacher``), or ``"student"``.
     """
 
     def __init__(
@@ -70,6 +76,8 @@ class DINO(SSLMethod):
         weight_decay: float = 0.04,
         weight_decay_final: float = 0.4,
         warmup_epochs: float = 10,
+        drop_path: float = 0.1,
+        evaluate: str = "teacher",
         **kwargs,
     ):
         super().__init__(
@@ -82,6 +90,10 @@ class DINO(SSLMethod):
         )
         if not 0.0 <= ema_tau <= ema_tau_final <= 1.0:
             raise ValueError(f"need 0 <= ema_tau <= ema_tau_final <= 1, got {ema_tau} and {ema_tau_final}")
+        if evaluate not in ("teacher", "student"):
+            raise ValueError(f"evaluate must be 'teacher' or 'student', got {evaluate!r}")
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must lie in [0, 1), got {drop_path}")
         if global_crops < 1 or clip_grad < 0:
             raise ValueError(f"need global_crops >= 1 and clip_grad >= 0, got {global_crops} and {clip_grad}")
         self.student_temperature = student_temperature
@@ -102,8 +114,21 @@ class DINO(SSLMethod):
         )
         self.backbone_ema = ema_copy(self.backbone)
         self.head_ema = ema_copy(self.head)
+        set_drop_path(self.backbone, drop_path)  # after the copy: the teacher keeps every block
         self.register_buffer("center", torch.zeros(1, out_dim))
         self._decay_groups: list[int] = []
+        self.evaluate = evaluate
+
+    def representation(self, images: torch.Tensor, backbone: nn.Module | None = None) -> torch.Tensor:
+        """Features of the teacher's backbone (``evaluate="student"``: the student's), or of ``backbone``."""
+        if backbone is None:
+            backbone = self.backbone_ema if self.evaluate == "teacher" else self.backbone
+        return backbone(images)
+
+    def encoder_spec(self) -> dict:
+        """``SSLMethod.encoder_spec``, with the checkpoint entries of the evaluated backbone."""
+        prefix = "backbone_ema." if self.evaluate == "teacher" else "backbone."
+        return {**super().encoder_spec(), "state_prefix": prefix}
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.backbone_ema), (self.head, self.head_ema)]
@@ -132,6 +157,13 @@ class DINO(SSLMethod):
         return loss
 
     # ----------------------------------------------------------------- optimization
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """``SSLMethod.parameter_groups``; with a ViT, the position embedding and class token are decayed
+        too (the reference's ``get_params_groups`` exempts only biases and 1-d parameters)."""
+        if vit_depth(self.backbone) is not None:
+            return vit_parameter_groups(self, self.backbone, weight_decay, self.layer_decay, decay_tokens=True)
+        return super().parameter_groups(weight_decay)
+
     def configure_optimizers(self):
         config = super().configure_optimizers()
         groups = config["optimizer"].param_groups

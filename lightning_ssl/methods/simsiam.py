@@ -30,6 +30,10 @@ class SimSiam(SSLMethod):
         fix_predictor_lr: keep the predictor at the peak lr (no warmup or decay).
     """
 
+    zero_init_residual = (
+        True  # the reference ``main_simsiam.py`` builds ``models.__dict__[arch](zero_init_residual=True)``
+    )
+
     def __init__(
         self,
         backbone: str | nn.Module = "resnet50",

@@ -20,11 +20,12 @@ class SwAV(SSLMethod):
 
     Paper defaults (sec. 3, 4 and appendix A; ``main_swav.py`` of the paper's code): projector
     ``[D, 2048, 128]`` (BN, ReLU) then L2 normalization, 3000 prototypes (a bias-free linear layer,
-    L2-normalized at the start of every step, not updated during the first 313 optimizer steps),
+    L2-normalized at the start of every step, not updated during the first epoch),
     Sinkhorn-Knopp with epsilon 0.05 and 3 iterations over the global batch, swapped prediction at
     temperature 0.1, codes from the global views only (multi-crop 2 x 224 + 6 x 96: the datamodule's
     ``local_crops=6``), LARS with lr 4.8 at batch 4096 (0.6 x B / 512, i.e. ``base_lr`` 0.3 per 256),
-    weight decay 1e-6, cosine schedule. For small batches a queue of earlier projections of the
+    weight decay 1e-6, cosine schedule (the 800-epoch script: 10 warmup epochs, final lr 0.0048, i.e.
+    ``final_lr`` = base_lr / 1000). For small batches a queue of earlier projections of the
     global views (per process, 3840 at batch 256 in the paper's code) joins the Sinkhorn batch from
     epoch ``queue_start_epoch`` (15), once full.
 
@@ -33,7 +34,10 @@ class SwAV(SSLMethod):
         num_prototypes: K.
         temperature: of the softmax over prototype scores.
         sinkhorn_epsilon, sinkhorn_iterations: of ``sinkhorn_knopp``.
-        freeze_prototypes_steps: optimizer steps during which the prototypes get no update.
+        freeze_prototypes_epochs: epochs during which the prototypes get no update (the paper's "first
+            epoch"; fractions allowed, counted in optimizer steps of the training loader).
+        freeze_prototypes_steps: the same in optimizer steps (the reference's ``freeze_prototypes_niters``);
+            overrides ``freeze_prototypes_epochs`` when given.
         global_crops: how many of the views (the first ones) are global: their codes are computed.
         queue_length: projections kept per global view and process (0: no queue).
         queue_start_epoch: the epoch from which the queue is filled; it is used once full.
@@ -48,7 +52,8 @@ class SwAV(SSLMethod):
         temperature: float = 0.1,
         sinkhorn_epsilon: float = 0.05,
         sinkhorn_iterations: int = 3,
-        freeze_prototypes_steps: int = 313,
+        freeze_prototypes_epochs: float = 1.0,
+        freeze_prototypes_steps: int | None = None,
         global_crops: int = 2,
         queue_length: int = 0,
         queue_start_epoch: int = 15,
@@ -58,10 +63,13 @@ class SwAV(SSLMethod):
         **kwargs,
     ):
         super().__init__(backbone, optimizer=optimizer, base_lr=base_lr, weight_decay=weight_decay, **kwargs)
+        if freeze_prototypes_epochs < 0 or (freeze_prototypes_steps is not None and freeze_prototypes_steps < 0):
+            raise ValueError("freeze_prototypes_epochs and freeze_prototypes_steps must be >= 0")
         if global_crops < 1 or queue_length < 0 or sinkhorn_iterations < 1:
             raise ValueError("need global_crops >= 1, queue_length >= 0 and sinkhorn_iterations >= 1")
         self.temperature, self.epsilon, self.iterations = temperature, sinkhorn_epsilon, sinkhorn_iterations
-        self.freeze_prototypes_steps, self.global_crops = freeze_prototypes_steps, global_crops
+        self.freeze_prototypes_epochs, self.freeze_prototypes_steps = freeze_prototypes_epochs, freeze_prototypes_steps
+        self.global_crops = global_crops
         self.queue_length, self.queue_start_epoch = queue_length, queue_start_epoch
         self.projector = mlp([self.feature_dim, projection_hidden_dim, projection_dim])
         self.prototypes = nn.Linear(projection_dim, num_prototypes, bias=False)
@@ -99,7 +107,13 @@ class SwAV(SSLMethod):
         self.log("train/loss", loss)
         return loss
 
+    def frozen_prototype_steps(self) -> int:
+        """The optimizer steps at the start during which the prototypes get no update."""
+        if self.freeze_prototypes_steps is not None:
+            return self.freeze_prototypes_steps
+        return math.ceil(self.freeze_prototypes_epochs * self.steps_per_epoch())
+
     def on_after_backward(self) -> None:
-        """The prototypes are not updated during the first ``freeze_prototypes_steps`` optimizer steps."""
-        if self.global_step < self.freeze_prototypes_steps:
+        """The prototypes are not updated during the first ``frozen_prototype_steps()`` optimizer steps."""
+        if self.global_step < self.frozen_prototype_steps():
             self.prototypes.weight.grad = None

@@ -30,6 +30,8 @@ class VICReg(SSLMethod):
         std_target, eps: gamma and epsilon of the variance term.
     """
 
+    zero_init_residual = True  # reference resnet.py: built with zero_init_residual=True
+
     def __init__(
         self,
         backbone: str | nn.Module = "resnet50",
