@@ -239,3 +239,17 @@ def test_vit_position_embedding_and_class_token_are_decayed():
     block = vit.encoder.layers[0]
     assert decay_of[id(block.ln_1.weight)] == 0.0 and decay_of[id(block.mlp[0].bias)] == 0.0
     assert decay_of[id(block.mlp[0].weight)] == 0.04
+
+
+@pytest.mark.parametrize("mode, calls", [("concat", [20]), ("per_view", [4] * 5)])
+def test_multi_crop_head_runs_once_on_all_crops(mode, calls):
+    """DINO's ``MultiCropWrapper``: the backbone once per resolution, the head (with ``head_batch_norm``,
+    the ResNet config's) once on the features of every crop; the teacher's once on the global crops."""
+    model = _model(view_batching=mode, head_batch_norm=True)
+    model.log = lambda *a, **k: None
+    student, teacher = [], []
+    model.head.register_forward_hook(lambda m, i, o: student.append(i[0].shape[0]))
+    model.head_ema.register_forward_hook(lambda m, i, o: teacher.append(i[0].shape[0]))
+    model.training_step((_multi_crop(), None), 0)
+    assert student == calls
+    assert teacher == ([8] if mode == "concat" else [4, 4])

@@ -4,11 +4,13 @@ processes equal to one process: tests/test_distributed.py, with the helpers here
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from conftest import TinyConvNet
 from helpers import RandomTwoViews, quiet_trainer
 
@@ -161,3 +163,25 @@ def test_prototypes_are_frozen_for_the_first_epoch_by_default(tmp_path):
     assert half.frozen_prototype_steps() == 2  # ceil(0.5 x 3)
     with pytest.raises(ValueError, match="freeze_prototypes_epochs"):
         _model(freeze_prototypes_epochs=-1)
+
+
+@pytest.mark.parametrize("mode, calls", [("concat", [20]), ("per_view", [4] * 5)])
+def test_multi_crop_projector_with_batch_norm_runs_once_on_all_crops(mode, calls):
+    """SwAV's reference (``forward_head`` in ``resnet50.py``): the backbone once per resolution, the head
+    (whose batch norm then normalizes over every crop) once on all of them; per view for ``per_view``."""
+    model = _model(view_batching=mode)
+    model.log = lambda *a, **k: None
+    reference = copy.deepcopy(model)
+    seen = []
+    model.projector.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    views = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    loss = model.training_step((views, None), 0)
+    assert seen == calls
+    with torch.no_grad():  # the naive form: features of every crop, then one head pass over all of them
+        groups = [views[:2], views[2:]] if mode == "concat" else [[v] for v in views]
+        features = [reference.backbone(torch.cat(group)) for group in groups]
+        heads = [torch.cat(features)] if mode == "concat" else features
+        z = torch.cat([reference.projector(f) for f in heads]).split(4)
+        scores = [model.prototypes(F.normalize(x, dim=1)) for x in z]  # normalized by the step
+        codes = [sinkhorn_knopp(s, 0.05, 3) for s in scores[:2]]
+    torch.testing.assert_close(loss, swav_loss(scores, codes, 0.1))

@@ -275,12 +275,25 @@ class SSLMethod(pl.LightningModule):
             modules += [target for online, target in self.ema_pairs() if online is self.backbone]
         return modules
 
+    def _view_mode(self, views: list[torch.Tensor]) -> str:
+        if self.view_batching == "auto":
+            return "per_view" if views[0].device.type == "cpu" else "concat"
+        return self.view_batching
+
+    def forward_crops(self, backbone: nn.Module, head: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Multi-crop (SwAV, DINO): ``backbone`` through ``forward_views`` (one pass per resolution for
+        ``"concat"``), then ``head`` once on the features of all crops concatenated, so a head with batch
+        norm normalizes over every crop, as the reference codes' ``forward_head`` (SwAV's ``resnet50.py``,
+        DINO's ``MultiCropWrapper``); per view for ``"per_view"``."""
+        features = self.forward_views(backbone, views)
+        if self._view_mode(views) == "per_view" or len(views) == 1:
+            return [head(f) for f in features]
+        return list(head(torch.cat(features)).split([f.shape[0] for f in features]))
+
     def forward_views(self, network: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """``network`` applied to each view, as ``view_batching`` says (views of one size are concatenated
         for ``"concat"``; views of other sizes, as multi-crop makes, get their own forward)."""
-        mode = self.view_batching
-        if mode == "auto":
-            mode = "per_view" if views[0].device.type == "cpu" else "concat"
+        mode = self._view_mode(views)
         if mode == "per_view" or len(views) == 1:
             return [network(v) for v in views]
         outputs: list[torch.Tensor | None] = [None] * len(views)

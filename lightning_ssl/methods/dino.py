@@ -146,9 +146,9 @@ class DINO(SSLMethod):
         views, _ = batch
         if len(views) < max(2, self.global_crops):
             raise ValueError(f"DINO needs at least 2 and global_crops={self.global_crops} views, got {len(views)}")
-        student = self.forward_views(lambda x: self.head(self.backbone(x)), views)
+        student = self.forward_crops(self.backbone, self.head, views)
         with torch.no_grad():
-            teacher = self.forward_views(lambda x: self.head_ema(self.backbone_ema(x)), views[: self.global_crops])
+            teacher = self.forward_crops(self.backbone_ema, self.head_ema, views[: self.global_crops])
         temperature = self.teacher_temperature()
         loss = dino_loss(student, teacher, self.center, self.student_temperature, temperature)
         self.center.copy_(dino_center(self.center, teacher, self.center_momentum))

@@ -90,7 +90,7 @@ class SwAV(SSLMethod):
             raise ValueError(f"SwAV needs at least 2 and global_crops={self.global_crops} views, got {len(views)}")
         with torch.no_grad():  # prototypes on the unit sphere (the paper's code, at each iteration)
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
-        z = self.forward_views(lambda x: F.normalize(self.projector(self.backbone(x)), dim=1), views)
+        z = self.forward_crops(self.backbone, lambda f: F.normalize(self.projector(f), dim=1), views)
         scores = [self.prototypes(zi) for zi in z]
         fill, use = self._queue_state(batch_idx, views[0].shape[0])
         codes = []
