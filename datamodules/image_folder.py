@@ -7,7 +7,9 @@
   (1.2M-file trees on slow storage).
 * A file that fails to decode during an epoch (e.g. truncated) is replaced by the next readable
   sample and recorded in ``bad_files`` (per process) with one warning per file; an epoch never dies
-  because of one file (``strict=True`` raises, naming it).
+  because of one file (``strict=True`` raises, naming it). A cut file fails to decode even where
+  ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` was turned on (it pads a cut scan with gray), so no epoch
+  trains on a half-gray image.
 * Every image comes out as 8-bit RGB: grayscale, palette, CMYK, 16-bit and alpha images are
   converted (16-bit scaled to 8 bits, transparency composited on white).
 * Empty class folders keep their class index (so labels agree across splits), with a warning.
@@ -17,12 +19,13 @@
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 from lightning_ssl.datamodules.unreadable import load_skipping_unreadable, summarize
@@ -32,6 +35,7 @@ __all__ = ["RobustImageFolder", "load_rgb", "IMAGE_EXTENSIONS", "LAYOUT_HINT"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 LAYOUT_HINT = "expected layout: <root>/<split>/<class>/<image>.jpg, e.g. imagenet/train/n01440764/n01440764_10026.JPEG"
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_STRICT_DECODING = threading.Lock()
 
 
 def _header_ok(header: bytes) -> bool:
@@ -47,10 +51,24 @@ def _header_ok(header: bytes) -> bool:
     )
 
 
+def _load_complete(img: Image.Image) -> None:
+    """``img.load()``, raising on a truncated file even where a program (or a library it imports) set
+    PIL's process-wide ``ImageFile.LOAD_TRUNCATED_IMAGES``; the setting is restored afterwards."""
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        img.load()
+        return
+    with _STRICT_DECODING:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            img.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = True
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode an image fully and return it as 8-bit RGB (raises on unreadable or truncated files)."""
     with Image.open(path) as img:
-        img.load()
+        _load_complete(img)
         mode = img.mode
         if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit (or 32-bit int) gray
             arr = np.asarray(img).astype(np.float64)

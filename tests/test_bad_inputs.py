@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from image_trees import make_tree, random_image
-from PIL import Image
+from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
 from lightning_ssl.datamodules import CIFAR10DataModule, ImageNetDataModule
@@ -85,6 +85,36 @@ def test_truncated_image_is_replaced_during_the_epoch_never_kills_it(tmp_path):
         RobustImageFolder(root / "train", strict=True)[0]
     with pytest.warns(UserWarning, match="1 file\\(s\\).*a_0.jpg"):  # decoding everything up front finds it
         assert len(RobustImageFolder(root / "train", verify="full")) == 5
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("kept", [0.3, 0.6, 0.9, 0.99, -2])
+@pytest.mark.parametrize("tolerant", [False, True])
+def test_a_jpeg_cut_anywhere_fails_to_decode_rather_than_coming_back_gray(
+    tmp_path, monkeypatch, progressive, kept, tolerant
+):
+    """Wherever the file ends (the last 2 bytes, the end-of-image marker, included), ``load_rgb`` raises,
+    so the dataset replaces it with the one unreadable-file warning; also where a program turned on
+    PIL's ``LOAD_TRUNCATED_IMAGES``, which pads a cut scan with gray (the setting is left as it was)."""
+    path = tmp_path / "cut.jpg"
+    random_image(np.random.default_rng(0), 64, 64).save(path, quality=95, progressive=progressive)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * kept)] if kept > 0 else data[:kept])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", tolerant)
+    with Image.open(path) as img:  # what PIL alone does
+        if tolerant:
+            img.load()
+        else:
+            with pytest.raises(OSError, match="truncated"):
+                img.load()
+    with pytest.raises(OSError, match="truncated"):
+        load_rgb(path)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is tolerant
+    ds = RobustImageFolder(_tree(tmp_path / "tree") / "train")
+    ds.samples[0] = (str(path), ds.samples[0][1])
+    with pytest.warns(UserWarning, match="cut.jpg.*replaced by another sample"):
+        ds.load(0)
+    assert ds.bad_files == [str(path)]
 
 
 # ------------------------------------------------------------------------- image modes

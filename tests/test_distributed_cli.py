@@ -44,8 +44,8 @@ BATCH = 4  # per process
 CLASSES = [f"c{i}" for i in range(10)]
 DEFAULT = {"simclr", "byol"}
 _NOT_EQUAL = {
-    # CPC v2's patch-level augmentation and CPC's patch crops are drawn in the training step from each
-    # process's own generator (only the sample-level views are keyed by sample)
+    "cpcv2": "its per-patch augmentation is drawn in the training step from each process's generator, "
+    "not keyed by sample as the datamodule's views are",
 }
 
 
