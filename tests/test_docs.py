@@ -67,11 +67,20 @@ def test_readme_python_runs_verbatim(monkeypatch, capsys, tmp_path):
 
 
 def readme_commands() -> list[str]:
+    """The README's ``lightning-ssl`` lines, with the shell variables its blocks set (``NAME="..."``)
+    and ``$HOME`` expanded as the shell would."""
     commands = []
     for block in code_blocks(REPO / "README.md", "bash"):
+        variables = {"HOME": str(Path.home())}
         for line in block.splitlines():
             line = line.split("#", 1)[0].strip()
-            if line.startswith("lightning-ssl "):
+            for name, value in sorted(variables.items(), key=lambda kv: -len(kv[0])):
+                line = line.replace(f"${name}", value)
+            assignment = re.fullmatch(r"([A-Z_]+)=(.*)", line)
+            if assignment:
+                variables[assignment[1]] = shlex.split(assignment[2])[0]
+            elif line.startswith("lightning-ssl "):
+                assert "$" not in line, f"README command uses an unset variable: {line}"
                 commands.append(line)
     return commands
 

@@ -18,6 +18,7 @@ from lightning_ssl.evaluation import (
     FineTuning,
     LinearEvaluation,
     export_backbone,
+    knn_accuracy,
     labeled_fraction_subset,
     load_encoder,
     load_torchvision_model,
@@ -350,3 +351,15 @@ def test_knn_report_uses_the_calibrated_baseline(tmp_path, monkeypatch):
         SimCLR(backbone="resnet18", projection_dim=8, warmup_epochs=0), RandomTwoViews(num_samples=16, batch_size=8)
     )
     assert calls and calls[0] is not None and "random_init" in monitor.results
+
+
+def test_knn_rows_that_would_use_every_label_are_left_out():
+    """``labels_per_class`` of at least the largest class's count is the "all" row again: no entry."""
+    g = torch.Generator().manual_seed(0)
+    train, val = torch.randn(30, 4, generator=g), torch.randn(10, 4, generator=g)
+    train_y = torch.tensor([0] * 12 + [1] * 10 + [2] * 8)  # the largest class has 12
+    val_y = torch.arange(10) % 3
+    scores = knn_accuracy(train, train_y, val, val_y, k=5, labels_per_class=[1, 11, 12, 100])
+    assert list(scores) == ["all", "1_per_class", "11_per_class"]
+    full = weighted_knn_predict(train, train_y, val, 3, 5, 0.1)
+    assert scores["all"] == (full == val_y).float().mean().item()

@@ -121,10 +121,14 @@ def knn_accuracy(
     seed: int = 0,
 ) -> dict[str, float]:
     """Weighted kNN top-1 on the validation features: ``{"all": ...}`` with every training label and
-    ``{"<n>_per_class": ...}`` with ``n`` training labels per class (a fixed subset from ``seed``)."""
+    ``{"<n>_per_class": ...}`` with ``n`` training labels per class (a fixed subset from ``seed``). An ``n``
+    at least the largest class's count would use every label, the same as ``"all"``: it has no entry."""
     num_classes = int(torch.cat([train_labels, val_labels]).max()) + 1
+    largest_class = int(torch.bincount(train_labels).max()) if len(train_labels) else 0
     out = {}
     for name, per_class in [("all", None)] + [(f"{n}_per_class", n) for n in labels_per_class]:
+        if per_class is not None and per_class >= largest_class:
+            continue
         idx = torch.arange(len(train_labels)) if per_class is None else few_labels_subset(train_labels, per_class, seed)
         pred = weighted_knn_predict(train_features[idx], train_labels[idx], val_features, num_classes, k, temperature)
         out[name] = (pred == val_labels).float().mean().item()
