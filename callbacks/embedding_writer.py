@@ -8,7 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
-from pytorch_lightning.utilities import rank_zero_info
+from tqdm.auto import tqdm
 
 __all__ = ["EmbeddingWriter"]
 
@@ -40,4 +40,13 @@ class EmbeddingWriter(BasePredictionWriter):
             path = path.with_name(f"{path.stem}-rank{trainer.global_rank}{path.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(out, path)
-        rank_zero_info(f"wrote {len(features)} embeddings of size {features.shape[1]} to {path}")
+        if trainer.is_global_zero:
+            where = str(path.resolve())
+            if trainer.world_size > 1:
+                shards = path.resolve().parent / f"{path.stem}-rank*{path.suffix}"
+                where = f"{shards} (one file per process, with 'indices')"
+            # tqdm.write: on its own line above a live progress bar
+            tqdm.write(
+                f"Embeddings: {len(features)} x {features.shape[1]} {{'features', 'labels'}} written to {where} "
+                "(torch.load)"
+            )

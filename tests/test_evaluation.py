@@ -363,3 +363,34 @@ def test_knn_rows_that_would_use_every_label_are_left_out():
     assert list(scores) == ["all", "1_per_class", "11_per_class"]
     full = weighted_knn_predict(train, train_y, val, 3, 5, 0.1)
     assert scores["all"] == (full == val_y).float().mean().item()
+
+
+@pytest.mark.parametrize("small_image, cls_name", [(True, "SimCLR"), (False, "SimCLR"), (True, "CPCv2")])
+def test_export_prints_loading_lines_that_load_it(tmp_path, capsys, small_image, cls_name):
+    """The export message names the torchvision constructor and the stem or norm changes the file
+    needs; run verbatim, its lines load the file with strict=True and give the method's features."""
+    import lightning_ssl
+    from lightning_ssl.patches import PatchGridEncoder
+
+    grid = dict(patch_size=16, patch_stride=8) if cls_name == "CPCv2" else {}
+    method = getattr(lightning_ssl, cls_name)(backbone="resnet18", small_image=small_image, **grid)
+    if cls_name == "SimCLR":
+        _randomize_bn(method.backbone)
+    out = tmp_path / "enc.pt"
+    cli_main(["export", str(_checkpoint(method, tmp_path / "m.ckpt")), str(out)])
+    printed = capsys.readouterr().out
+    assert "torchvision.models.resnet18()" in printed
+    assert ("model.maxpool = torch.nn.Identity()" in printed) is small_image
+    code = printed.split("load it with:\n", 1)[1].split("\nor:", 1)[0]
+    namespace = {"torch": torch, "torchvision": torchvision, "lightning_ssl": lightning_ssl}
+    exec("import lightning_ssl.backbones\n" + "\n".join(line.strip() for line in code.splitlines()), namespace)  # noqa: S102
+    model = namespace["model"]
+    model.fc = nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    method.eval(), model.eval()
+    with torch.no_grad():
+        if cls_name == "CPCv2":
+            features = PatchGridEncoder(model, method.patch_size, method.patch_stride, method.grid_size)(x)
+        else:
+            features = model(x)
+        torch.testing.assert_close(features, method.representation(x), atol=1e-5, rtol=1e-5)

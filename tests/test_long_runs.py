@@ -161,7 +161,9 @@ def test_validate_and_predict_from_the_cli(tmp_path, uninterrupted):
     assert "val/knn_top1" in validated.stdout
     predicted = cli("predict", "--config", str(config), "--ckpt_path", ckpt)
     assert predicted.returncode == 0, predicted.stderr[-4000:]
-    embeddings = torch.load(tmp_path / "embeddings.pt", weights_only=True)
+    path = (tmp_path / "embeddings.pt").resolve()
+    assert f"Embeddings: 1618 x 512 {{'features', 'labels'}} written to {path} (torch.load)" in predicted.stdout
+    embeddings = torch.load(path, weights_only=True)
     assert embeddings["features"].shape == (1618, 512) and embeddings["labels"].shape == (1618,)  # the 90% held out
     not_offered = cli("test", "--config", str(config))
     assert not_offered.returncode == 2 and "invalid choice" in not_offered.stderr

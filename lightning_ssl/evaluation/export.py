@@ -180,8 +180,35 @@ def export_backbone(
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: state[k] for k in full}, out)
     keys = ("small_image", "layer_norm", "patch_grid")
-    encoder_sidecar(out).write_text(json.dumps({k: spec.get(k) for k in keys}, indent=2) + "\n")
+    sidecar = {"arch": _arch(spec, arch, checkpoint), **{k: spec.get(k) for k in keys}}
+    encoder_sidecar(out).write_text(json.dumps(sidecar, indent=2) + "\n")
     return out
+
+
+def loading_instructions(out: str | Path) -> str:
+    """How to load the export ``out`` (from its sidecar): the torchvision constructor and, for the
+    small-image stem or CPC v2's layer norm, the lines that change it before ``load_state_dict``."""
+    sidecar = encoder_sidecar(out)
+    if not sidecar.is_file():  # CPC on audio
+        return f"load: lightning_ssl.audio_encoders.CPCAudioEncoder(...).load_state_dict(torch.load({str(out)!r}))"
+    spec = json.loads(sidecar.read_text())
+    arch, lines = spec["arch"], []
+    lines.append(f"model = torchvision.models.{arch}()")
+    if spec.get("small_image"):
+        conv1 = torch.load(out, map_location="cpu", weights_only=True)["conv1.weight"]
+        lines.append(
+            f"model.conv1 = torch.nn.Conv2d({conv1.shape[1]}, {conv1.shape[0]}, 3, 1, 1, bias=False)  "
+            "# the small-image stem"
+        )
+        lines.append("model.maxpool = torch.nn.Identity()")
+    if spec.get("layer_norm"):
+        lines.append("model = lightning_ssl.backbones.batch_norm_to_layer_norm(model)  # CPC v2's layer norm")
+    lines.append(f"model.load_state_dict(torch.load({str(out)!r}))")
+    text = "load it with:\n" + "\n".join(f"  {line}" for line in lines)
+    text += f"\nor: lightning_ssl.evaluation.load_encoder({str(out)!r}, arch={arch!r})  # the frozen encoder, pooled"
+    if spec.get("patch_grid"):
+        text += " on CPC's patch grid"
+    return text
 
 
 def load_encoder(path: str | Path, arch: str | None = None, small_image: bool = False) -> tuple[nn.Module, int]:
@@ -254,4 +281,4 @@ def export_main(argv: list[str], check_model: Callable[[str, str], None] | None 
             raise ValueError("--model is checked by the lightning-ssl export command; run it from there")
         check_model(args.checkpoint, args.model)
     out = export_backbone(args.checkpoint, args.out, num_classes=args.num_classes, arch=args.arch)
-    print(f"wrote {out}")
+    print(f"wrote {out}; {loading_instructions(out)}")
