@@ -259,3 +259,25 @@ def test_peer_benchmark_smoke_runs_both_libraries(cifar10_root):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith(("simclr", "byol"))]
     assert len(rows) == 2 and all(float(r[3]) > 0 for r in rows)  # the time ratio ours/lightly
+
+
+@pytest.mark.slow
+def test_peer_benchmark_smoke_runs_every_method_on_both_sides(cifar10_root):
+    """Every method that both libraries have is in the default list and runs on both sides."""
+    pytest.importorskip("lightly")
+    methods = ("simclr", "mocov2", "byol", "barlowtwins", "vicreg", "simsiam", "nnclr", "swav", "dino")
+    out = run_module("benchmarks.peer_benchmark", "--smoke", "--root", str(cifar10_root))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip().split(" ")[0] in methods]
+    assert [r[0] for r in rows] == list(methods)
+    assert all(0.0 <= float(r[-1]) <= 1.0 and 0.0 <= float(r[-2]) <= 1.0 for r in rows)  # both kNN scores
+
+
+def test_peer_benchmark_gives_both_sides_the_method_lr_unless_lr_is_given():
+    """VICReg's lower default (plain SGD at 0.06 diverges on both sides) and an explicit --lr for all."""
+    from benchmarks.peer_benchmark import DEFAULT_LR, method_lr, parse_args
+
+    defaults = parse_args([])
+    assert method_lr(defaults, "vicreg") == 0.02 and method_lr(defaults, "simclr") == DEFAULT_LR == 0.06
+    given = parse_args(["--lr", "0.1"])
+    assert method_lr(given, "vicreg") == method_lr(given, "dino") == 0.1

@@ -114,6 +114,14 @@ def test_barlow_twins_biases_and_norms_get_their_own_scaled_lr(tmp_path):
     assert groups[0]["weight_decay"] == 1.5e-6 and groups[1]["weight_decay"] == 0.0 and groups[1]["lars_exclude"]
 
 
+@pytest.mark.parametrize("optimizer,expected", [("lars", 0.024), ("sgd", 1.0), ("adamw", 1.0)])
+def test_barlow_twins_scales_the_bias_lr_only_with_lars_by_default(optimizer, expected):
+    model = REGISTRY["barlow_twins"].build(size="small", backbone=TinyConvNet(), optimizer=optimizer)
+    assert model.parameter_groups(0.0)[1]["lr_scale"] == expected
+    model = REGISTRY["barlow_twins"].build(size="small", backbone=TinyConvNet(), optimizer=optimizer, bias_lr_scale=0.5)
+    assert model.parameter_groups(0.0)[1]["lr_scale"] == 0.5
+
+
 # ----------------------------------------------------------------------------- NNCLR
 def test_nnclr_positives_are_support_set_neighbours_and_the_checkpoint_holds_the_support_set(tmp_path):
     model = REGISTRY["nnclr"].build(size="small", backbone=TinyConvNet())

@@ -30,7 +30,10 @@ class BarlowTwins(SSLMethod):
         projection_hidden_dim, projection_dim: projector widths.
         lambd: the weight of the redundancy-reduction (off-diagonal) term.
         loss_scale: a factor on the whole loss.
-        bias_lr_scale: the lr of biases and norm parameters relative to the weights' (0.0048 / 0.2).
+        bias_lr_scale: the lr of biases and norm parameters relative to the weights'. Default: 0.0048 / 0.2
+            with LARS (the reference's pair, where only the weights get LARS's trust ratio), 1 with any
+            other optimizer (without LARS adaptation the weights' lr is not the small effective lr that
+            0.0048 was set against, and 0.024 x lr would all but freeze the batch-norm parameters).
     """
 
     zero_init_residual = (
@@ -44,7 +47,7 @@ class BarlowTwins(SSLMethod):
         projection_dim: int = 8192,
         lambd: float = 5e-3,
         loss_scale: float = 1.0,
-        bias_lr_scale: float = 0.024,
+        bias_lr_scale: float | None = None,
         optimizer: str = "lars",
         base_lr: float = 0.2,
         weight_decay: float = 1.5e-6,
@@ -59,6 +62,8 @@ class BarlowTwins(SSLMethod):
             warmup_epochs=warmup_epochs,
             **kwargs,
         )
+        if bias_lr_scale is None:
+            bias_lr_scale = 0.024 if optimizer == "lars" else 1.0
         if lambd < 0 or loss_scale <= 0 or bias_lr_scale < 0:
             raise ValueError(
                 f"need lambd >= 0, loss_scale > 0 and bias_lr_scale >= 0; got {lambd}, {loss_scale}, {bias_lr_scale}"
