@@ -272,13 +272,3 @@ def test_peer_benchmark_smoke_runs_every_method_on_both_sides(cifar10_root):
     assert [r[0] for r in rows] == list(methods)
     assert all(0.0 <= float(r[-1]) <= 1.0 and 0.0 <= float(r[-2]) <= 1.0 for r in rows)  # both kNN scores
 
-
-def test_peer_benchmark_gives_both_sides_the_method_lr_unless_lr_is_given(monkeypatch):
-    """VICReg's lower default (plain SGD at 0.06 diverges on both sides) and an explicit --lr for all."""
-    monkeypatch.syspath_prepend(str(REPO))  # the benchmarks run from the checkout, not the installed package
-    from benchmarks.peer_benchmark import DEFAULT_LR, method_lr, parse_args
-
-    defaults = parse_args([])
-    assert method_lr(defaults, "vicreg") == 0.02 and method_lr(defaults, "simclr") == DEFAULT_LR == 0.06
-    given = parse_args(["--lr", "0.1"])
-    assert method_lr(given, "vicreg") == method_lr(given, "dino") == 0.1
