@@ -271,4 +271,3 @@ def test_peer_benchmark_smoke_runs_every_method_on_both_sides(cifar10_root):
     rows = [line.split() for line in out.stdout.splitlines() if line.strip().split(" ")[0] in methods]
     assert [r[0] for r in rows] == list(methods)
     assert all(0.0 <= float(r[-1]) <= 1.0 and 0.0 <= float(r[-2]) <= 1.0 for r in rows)  # both kNN scores
-
