@@ -8,8 +8,7 @@ in a LightningModule as lightly's examples do). Both use the same CIFAR-10 image
 removed), the same two views (SimCLR's CIFAR-10 recipe: crop scale 0.08-1, flip, color jitter (0.4,
 0.4, 0.4, 0.1) with p = 0.8, grayscale p = 0.2, no blur; each library's own implementation), the same
 optimizer (SGD, momentum 0.9, ``--lr``: 0.06, VICReg 0.02, weight decay 5e-4, cosine decay per step,
-no warmup), batch
-size, epochs and data loading (in the main process), and the same method settings:
+no warmup), batch size, epochs and data loading (in the main process), and the same method settings:
 
 - SimCLR: head 512-512-128, T 0.5. MoCo v2: head 512-2048-128, T 0.2, queue 4,096, momentum 0.99.
 - BYOL: 512-4096-256 heads, EMA 0.99 -> 1 cosine.
@@ -401,12 +400,7 @@ def main(argv=None):
         import lightly  # noqa: F401
     except ImportError:
         raise SystemExit('the peer benchmark needs lightly: pip install -e ".[peer]"') from None
-    lrs = {method: method_lr(args, method) for method in args.methods}
-    lr_text = (
-        ", ".join(f"{lr} ({method})" for method, lr in lrs.items())
-        if len(set(lrs.values())) > 1
-        else str(next(iter(lrs.values())))
-    )
+    lr_text = ", ".join(f"{method_lr(args, method)} ({method})" for method in args.methods)
     print(
         header(
             f"ours vs lightly {lightly.__version__}; ResNet-18 (ImageNet stem), CIFAR-10 {args.per_class * 10} "
