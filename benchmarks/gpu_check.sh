@@ -53,4 +53,5 @@ stage 45 ablation_bf16 "$PY" -m benchmarks.train_throughput "${TP[@]}" --modes t
   --json "$OUT/ablation_bf16.json"
 stage 45 ablation_bf16_cl "$PY" -m benchmarks.train_throughput "${TP[@]}" --modes trainer --methods simclr --precision bf16-mixed \
   --channels-last --json "$OUT/ablation_bf16_cl.json"
+stage 120 decode "$PY" -m benchmarks.decode_benchmark --batch 256 --size 224 --upscale 500x375 --json "$OUT/decode.json"
 exit $failed

@@ -9,6 +9,9 @@ With ``gpu_augment=True`` the loader ships fixed-size uint8 images (decoded and 
 workers, or gathered from memory a whole batch at a time) and each image's original size;
 ``on_after_batch_transfer`` then makes the views on the device with ``GPUAugment`` (same
 distributions as the CPU recipe).
+
+With ``gpu_decode=True`` as well, the workers do not decode: they ship each image's encoded file
+bytes, and ``on_after_batch_transfer`` decodes the batch on the device first (``gpu_decode.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from lightning_ssl.datamodules.augmentations import (
     tensor_view_transform,
 )
 from lightning_ssl.datamodules.gpu_augment import GPUAugment
+from lightning_ssl.datamodules.gpu_decode import ENCODED_KEY, EncodedViewsDataset, collate_encoded, decode_batch
 from lightning_ssl.datamodules.resumable import ResumableDataLoader
 from lightning_ssl.datamodules.two_views import MultiViewDataset, TensorImageDataset, split_key
 
@@ -135,6 +139,13 @@ class TwoViewDataModule(pl.LightningDataModule):
         gpu_augment: make the views on the accelerator instead of in the workers.
         gpu_load_size: side of the square uint8 images shipped when ``gpu_augment`` is on
             (default ``image_size x 8 / 7``: 256 for 224).
+        gpu_decode: with ``gpu_augment``, ship the training images' encoded file bytes and decode them
+            on the device (``torchvision.io.decode_jpeg``, batched with nvjpeg on CUDA; on the CPU
+            elsewhere), then resize them to ``gpu_load_size`` there. Needs an image folder or a
+            dataset with ``encoded(index)`` (``gpu_decode.EncodedDataset``); non-JPEG files and JPEGs
+            nvjpeg rejects are decoded by PIL on the CPU of the training process, so it suits JPEG
+            datasets. The views equal ``gpu_augment``'s alone up to decoder and resize rounding
+            (``tests/test_gpu_decode.py``). Labeled (evaluation) loaders still decode in the workers.
         eval_resize, eval_crop: evaluation transform (resize shorter side, center crop; None skips).
         eval_batch_size: batch size of the labeled loaders.
         mean, std: normalization of every view and of the evaluation images.
@@ -162,6 +173,7 @@ class TwoViewDataModule(pl.LightningDataModule):
         small_image: bool = False,
         gpu_augment: bool = False,
         gpu_load_size: int | None = None,
+        gpu_decode: bool = False,
         drop_last: bool = True,
         eval_resize: int | None = 256,
         eval_crop: int | None = 224,
@@ -196,7 +208,9 @@ class TwoViewDataModule(pl.LightningDataModule):
             recipe, global_crops, local_crops, local_size, global_scale, local_scale
         )
         self.global_crops, self.local_crops = global_crops, local_crops
-        self.gpu_augment = gpu_augment
+        if gpu_decode and not gpu_augment:
+            raise ValueError("gpu_decode needs gpu_augment=True (the views are made on the device after decoding)")
+        self.gpu_augment, self.gpu_decode = gpu_augment, gpu_decode
         # default: the views' size x 8/7 (256 for 224-pixel views), as the evaluation resize
         self.gpu_load_size = gpu_load_size or round(image_size * 8 / 7)
         self.eval_resize, self.eval_crop = eval_resize, eval_crop
@@ -205,6 +219,7 @@ class TwoViewDataModule(pl.LightningDataModule):
         self.augmenter = self._make_augmenter() if gpu_augment else None
         self._augment_generator: torch.Generator | None = None
         self._batch_seed = -1
+        self._undecodable: list[str] = []  # files no decoder read on the device, in this process
 
     # ---------------------------------------------------------------- to implement
     def _base_dataset(self, split: str) -> Dataset:
@@ -234,8 +249,11 @@ class TwoViewDataModule(pl.LightningDataModule):
         return [build(v) for v in self.views]
 
     def pretrain_dataset(self) -> Dataset:
-        """The multi-view training set: ``([view1, view2], label)`` or, with ``gpu_augment``, uint8 dicts."""
+        """The multi-view training set: ``([view1, view2], label)`` or, with ``gpu_augment``, uint8 dicts
+        (encoded bytes with ``gpu_decode``)."""
         base = self._base_dataset("train")
+        if self.gpu_decode:
+            return EncodedViewsDataset(base)
         if self.gpu_augment:
             return Uint8ViewsDataset(base, self.gpu_load_size)
         return MultiViewDataset(base, self.view_transforms())
@@ -244,6 +262,10 @@ class TwoViewDataModule(pl.LightningDataModule):
         """Shuffled multi-view batches from a ``ResumableDataLoader``: checkpoints hold the position in the
         epoch, and each sample's views depend on the seed, the epoch and the sample only."""
         dataset = self.pretrain_dataset()
+        if self.gpu_decode and not isinstance(dataset, EncodedViewsDataset):
+            raise ValueError(f"gpu_decode needs an image folder or shards; got a {type(dataset).__name__}")
+        collate = collate_encoded if isinstance(dataset, EncodedViewsDataset) else None
+        collate = _collate_uint8 if isinstance(dataset, Uint8ViewsDataset) else collate
         return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -252,17 +274,25 @@ class TwoViewDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            collate_fn=_collate_uint8 if isinstance(dataset, Uint8ViewsDataset) else None,
+            collate_fn=collate,
         )
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if isinstance(batch, dict) and UINT8_KEY in batch:
+        if isinstance(batch, dict) and (UINT8_KEY in batch or ENCODED_KEY in batch):
             self._batch_seed = int(batch.pop("seed")[0])  # on the host: no device synchronization
         return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Makes the views on the device when the loader shipped uint8 images, with a generator seeded
-        from the batch's first sample (so views depend on the samples only, as on the CPU path)."""
+        """Makes the views on the device when the loader shipped uint8 images (or encoded ones, decoded
+        first, on the batch's device), with a generator seeded from the batch's first sample (so views
+        depend on the samples only, as on the CPU path)."""
+        if isinstance(batch, dict) and ENCODED_KEY in batch:
+            target = batch["target"]
+            encoded = batch[ENCODED_KEY]
+            images, sizes, source = decode_batch(encoded, self.gpu_load_size, target.device, self._undecodable)
+            if source is not None:  # undecodable images replaced by others of the batch: their labels too
+                target = target[torch.tensor(source, device=target.device)]
+            batch = {UINT8_KEY: images, "sizes": sizes, "target": target}
         if isinstance(batch, dict) and UINT8_KEY in batch:
             images = batch[UINT8_KEY]
             augmenter = self.augmenter or self._make_augmenter()
