@@ -43,7 +43,7 @@ class CIFAR10DataModule(TwoViewDataModule):
             balanced subset, for quick runs); ``None`` keeps all.
         in_memory: decode the images once into a uint8 tensor (see the module docstring).
         resident_device: with ``in_memory`` and ``gpu_augment``, the device that holds the images.
-        strict, verify: see ``RobustImageFolder``.
+        strict, verify, index_cache: see ``RobustImageFolder``.
         Others: see ``TwoViewDataModule``.
     """
 
@@ -66,6 +66,7 @@ class CIFAR10DataModule(TwoViewDataModule):
         eval_batch_size: int = 512,
         strict: bool = False,
         verify: str = "header",
+        index_cache: bool = True,
         **kwargs,
     ):
         super().__init__(
@@ -91,7 +92,7 @@ class CIFAR10DataModule(TwoViewDataModule):
         self.per_class = {"train": train_per_class, "val": val_per_class}
         self.in_memory, self.resident_device = in_memory, resident_device
         self.tensor_images = in_memory
-        self.strict, self.verify = strict, verify
+        self.strict, self.verify, self.index_cache = strict, verify, index_cache
         self._datasets: dict[str, Dataset] = {}
         self._decoded: dict[str, Dataset] = {}
 
@@ -125,7 +126,9 @@ class CIFAR10DataModule(TwoViewDataModule):
         if not folder.is_dir():
             raise FileNotFoundError(f"split folder {folder} does not exist; {_LAYOUTS}")
         classes = None if split == "train" else self._decoded_dataset("train").classes
-        return RobustImageFolder(folder, classes=classes, strict=self.strict, verify=self.verify)
+        return RobustImageFolder(
+            folder, classes=classes, strict=self.strict, verify=self.verify, index_cache=self.index_cache
+        )
 
     def _base_dataset(self, split: str) -> Dataset:
         if split in self._datasets:

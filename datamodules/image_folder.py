@@ -4,7 +4,8 @@
   (``verify="header"``): files without an image extension and files whose header is not an image
   are skipped, with ONE warning that counts and names them (``strict=True`` raises instead).
   ``verify="full"`` decodes everything up front (small trees); ``verify="none"`` trusts the listing
-  (1.2M-file trees on slow storage).
+  (1.2M-file trees on slow storage). The listing and checks run in threads and are cached next to
+  the data, so a second start on an unchanged tree opens no image (``file_index``; ``index_cache``).
 * A file that fails to decode during an epoch (e.g. truncated) is replaced by the next readable
   sample and recorded in ``bad_files`` (per process) with one warning per file; an epoch never dies
   because of one file (``strict=True`` raises, naming it). A cut file fails to decode even where
@@ -22,12 +23,14 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
+from lightning_ssl.datamodules.file_index import index_folder
 from lightning_ssl.datamodules.unreadable import load_skipping_unreadable, summarize
 
 __all__ = ["RobustImageFolder", "load_rgb", "IMAGE_EXTENSIONS", "LAYOUT_HINT"]
@@ -100,6 +103,8 @@ class RobustImageFolder(Dataset):
         verify: ``"header"`` (default; reads a few bytes per file), ``"full"`` (decodes every image
             now) or ``"none"``.
         max_retries: readable files tried in place of an unreadable one before giving up.
+        index_cache: reuse (and write) the cached listing and checks of an unchanged tree; see
+            ``file_index`` for what the cache can and cannot see.
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class RobustImageFolder(Dataset):
         strict: bool = False,
         verify: str = "header",
         max_retries: int = 50,
+        index_cache: bool = True,
     ):
         if verify not in ("header", "full", "none"):
             raise ValueError(f"verify must be 'header', 'full' or 'none', got {verify!r}")
@@ -129,21 +135,14 @@ class RobustImageFolder(Dataset):
         self.classes = list(classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
-        samples: list[tuple[str, int]] = []
-        skipped: list[str] = []
-        for label, cls in enumerate(self.classes):
-            for path in sorted(self._walk(self.root / cls)):
-                reason = self._check(path, verify)
-                if reason is None:
-                    samples.append((path, label))
-                else:
-                    skipped.append(f"{path} ({reason})")
+        index = index_folder(self.root, self.classes, partial(self._check, verify=verify), verify, cache=index_cache)
+        samples, targets, skipped = index.samples, index.targets, index.skipped
         if skipped:
             message = f"{len(skipped)} file(s) in {self.root} are not readable images: {summarize(skipped)}"
             if strict:
                 raise ValueError(message + " (strict=True; remove them or pass strict=False to skip them)")
             warnings.warn(message + "; skipped", stacklevel=2)
-        counts = np.bincount([t for _, t in samples], minlength=len(self.classes))
+        counts = np.bincount(targets, minlength=len(self.classes))
         empty = [c for c, n in zip(self.classes, counts) if n == 0]
         if len(empty) == len(self.classes):
             raise FileNotFoundError(f"no readable images under {self.root}; {LAYOUT_HINT}")
@@ -154,23 +153,9 @@ class RobustImageFolder(Dataset):
                 stacklevel=2,
             )
         self.samples = samples
-        self.targets = [t for _, t in samples]
+        self.targets = targets
         self.skipped = skipped
         self.bad_files: list[str] = []  # found unreadable while loading, in this process
-
-    @staticmethod
-    def _walk(folder: Path) -> list[str]:
-        out, stack = [], [str(folder)]
-        while stack:
-            with os.scandir(stack.pop()) as it:
-                for entry in it:
-                    if entry.name.startswith("."):
-                        continue
-                    if entry.is_dir():
-                        stack.append(entry.path)
-                    elif entry.is_file():
-                        out.append(entry.path)
-        return out
 
     @staticmethod
     def _check(path: str, verify: str) -> str | None:

@@ -69,7 +69,7 @@ class ImageNetDataModule(TwoViewDataModule):
             that subset; pretraining always uses every training image.
         labeled_list: a file of training image file names (e.g. SimCLR's ``1percent.txt``) to use as
             the labeled subset instead of a random fraction.
-        strict, verify: see ``RobustImageFolder``.
+        strict, verify, index_cache: see ``RobustImageFolder``.
         Others (batch size, augmentation recipe, image size, on-device augmentation, evaluation
             transform 256 / 224, ...): see ``TwoViewDataModule``.
     """
@@ -86,6 +86,7 @@ class ImageNetDataModule(TwoViewDataModule):
         num_workers: int = 8,
         strict: bool = False,
         verify: str = "header",
+        index_cache: bool = True,
         **kwargs,
     ):
         super().__init__(num_workers=num_workers, **kwargs)
@@ -98,7 +99,7 @@ class ImageNetDataModule(TwoViewDataModule):
         self.root = Path(root).expanduser()
         self.splits = {"train": train_split, "val": val_split}
         self.class_list, self.labeled_fraction, self.labeled_list = class_list, labeled_fraction, labeled_list
-        self.fraction_seed, self.strict, self.verify = fraction_seed, strict, verify
+        self.fraction_seed, self.strict, self.verify, self.index_cache = fraction_seed, strict, verify, index_cache
         self._datasets: dict[str, RobustImageFolder] = {}
 
     def _folder(self, split: str) -> Path:
@@ -122,7 +123,11 @@ class ImageNetDataModule(TwoViewDataModule):
             if split == "val" and classes is None:
                 classes = self._base_dataset("train").classes  # labels agree with the training split
             self._datasets[split] = RobustImageFolder(
-                self._folder(split), classes=classes, strict=self.strict, verify=self.verify
+                self._folder(split),
+                classes=classes,
+                strict=self.strict,
+                verify=self.verify,
+                index_cache=self.index_cache,
             )
         return self._datasets[split]
 
