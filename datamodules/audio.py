@@ -25,6 +25,7 @@ speaker is the first folder under ``root``, files are found at any depth below i
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -37,10 +38,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_ssl.datamodules.resumable import ResumableDataLoader
+from lightning_ssl.datamodules.shards import ShardReader, read_manifest
 from lightning_ssl.datamodules.two_views import split_key
 from lightning_ssl.datamodules.unreadable import load_skipping_unreadable, summarize
 
-__all__ = ["AudioFolder", "AudioFolderDataModule", "load_audio", "AUDIO_EXTENSIONS", "AUDIO_LAYOUT_HINT"]
+__all__ = [
+    "AudioFolder",
+    "ShardedAudioFolder",
+    "AudioFolderDataModule",
+    "load_audio",
+    "AUDIO_EXTENSIONS",
+    "AUDIO_LAYOUT_HINT",
+]
 
 AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg")
 AUDIO_LAYOUT_HINT = (
@@ -74,10 +83,20 @@ def resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
 def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     """The whole file as a float32 mono waveform at ``sample_rate`` (channels averaged); raises on
     unreadable and empty files."""
-    data, rate = _soundfile().read(str(path), dtype="float32", always_2d=True)
+    return decode_audio(str(path), sample_rate)
+
+
+def decode_audio(source: str | io.BytesIO, sample_rate: int = 16000) -> np.ndarray:
+    """``load_audio`` of a path or of an encoded file's bytes in memory."""
+    data, rate = _soundfile().read(source, dtype="float32", always_2d=True)
     if data.shape[0] == 0:
-        raise ValueError(f"{path} holds no samples")
+        raise ValueError(f"{source if isinstance(source, str) else 'the audio'} holds no samples")
     return resample(data.mean(axis=1), int(rate), sample_rate)
+
+
+def check_audio_bytes(name: str, data: bytes) -> None:
+    """Decode an encoded audio file's bytes (raises on unreadable or empty audio), for ``prepare``."""
+    decode_audio(io.BytesIO(data))
 
 
 def fit_length(waveform: np.ndarray, length: int, start: int | None = None) -> np.ndarray:
@@ -219,6 +238,81 @@ class AudioFolder(Dataset):
         return x.unsqueeze(0), label
 
 
+class ShardedAudioFolder(AudioFolder):
+    """The sharded form of ``AudioFolder`` (made by ``lightning-ssl prepare audio``): the same
+    ``(waveform, speaker)`` samples, crops and normalization, the encoded files read from the shards.
+
+    Args:
+        url: the shard folder or URL. storage_options, cache_dir, fetch: see ``ShardedImageFolder``.
+        Others: see ``AudioFolder``.
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike,
+        speakers: Sequence[str] | None = None,
+        sample_rate: int = 16000,
+        crop_samples: int | None = 20480,
+        random_crop: bool = True,
+        normalize: bool = True,
+        max_per_speaker: int | None = None,
+        strict: bool = False,
+        max_retries: int = 50,
+        storage_options: dict | None = None,
+        cache_dir: str | None = None,
+        fetch: str = "chunk",
+    ):
+        if crop_samples is not None and crop_samples < 1:
+            raise ValueError(f"crop_samples must be positive or None, got {crop_samples}")
+        manifest = read_manifest(url, storage_options)
+        if manifest["kind"] != "audio":
+            raise ValueError(f"{url} holds {manifest['kind']} shards, not audio shards (lightning-ssl prepare audio)")
+        self.root = str(url)
+        self.sample_rate, self.crop_samples, self.random_crop = sample_rate, crop_samples, random_crop
+        self.normalize, self.strict, self.max_retries = normalize, strict, max_retries
+        stored = manifest["classes"]
+        self.speakers = list(stored) if speakers is None else list(speakers)
+        missing = [s for s in self.speakers if s not in stored]
+        if missing:
+            raise FileNotFoundError(f"speaker(s) missing in the shards at {url}: {summarize(missing)}")
+        relabel = {stored.index(s): i for i, s in enumerate(self.speakers)}
+        rows, kept = [], {}
+        for i, (path, label) in enumerate(zip(manifest["paths"], manifest["labels"])):
+            if label in relabel and (max_per_speaker is None or kept.get(label, 0) < max_per_speaker):
+                kept[label] = kept.get(label, 0) + 1
+                rows.append((i, path, relabel[label]))
+        rows.sort(key=lambda row: row[2])
+        if not rows:
+            raise FileNotFoundError(f"no utterance of the speakers {summarize(self.speakers)} in the shards at {url}")
+        self.samples = [(path, label) for _, path, label in rows]
+        self._shard_index = {path: i for i, path, _ in rows}
+        self.targets = [label for _, label in self.samples]
+        self.skipped = list(manifest["skipped"])
+        self.bad_files: list[str] = []
+        self.reader = ShardReader(url, storage_options, cache_dir, fetch=fetch)
+
+    @property
+    def relative_paths(self) -> list[str]:
+        return [path for path, _ in self.samples]
+
+    def _read(self, path: str) -> np.ndarray:
+        data = bytes(self.reader[self._shard_index[path]]["audio"])
+        return decode_audio(io.BytesIO(data), self.sample_rate)
+
+    def load(self, index: int) -> tuple[np.ndarray, int]:
+        return load_skipping_unreadable(
+            self.samples,
+            index,
+            self._read,
+            _decode_errors(),
+            kind="audio",
+            bad_files=self.bad_files,
+            strict=self.strict,
+            max_retries=self.max_retries,
+            root=self.root,
+        )
+
+
 class _OneView(Dataset):
     """``([waveform], speaker)``: the pretraining batch format ``(views, target)``."""
 
@@ -243,6 +337,10 @@ class AudioFolderDataModule(pl.LightningDataModule):
 
     Args:
         root, val_root: folders of speaker folders (see the module docstring for the layouts).
+        shards, val_shards: instead of ``root`` and ``val_root``, the folders or URLs of their
+            shards made by ``lightning-ssl prepare audio`` (the same utterances and crops).
+        storage_options, shard_cache_dir, shard_fetch: for shards on an object store (see
+            ``ImageNetDataModule``).
         sample_rate: every file is resampled to it (paper: 16 kHz).
         crop_samples: pretraining window (paper: 20,480 samples, 1.28 s).
         eval_crop_samples: evaluation window; ``None`` for whole utterances (one per batch).
@@ -253,7 +351,7 @@ class AudioFolderDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        root: str,
+        root: str | None = None,
         val_root: str | None = None,
         sample_rate: int = 16000,
         crop_samples: int = 20480,
@@ -267,40 +365,53 @@ class AudioFolderDataModule(pl.LightningDataModule):
         verify: str = "header",
         drop_last: bool = True,
         pin_memory: bool | None = None,
+        shards: str | None = None,
+        val_shards: str | None = None,
+        storage_options: dict | None = None,
+        shard_cache_dir: str | None = None,
+        shard_fetch: str = "chunk",
     ):
         super().__init__()
+        if (root is None) == (shards is None):
+            raise ValueError("give the speaker folders as root=<folder> or their shards as shards=<folder or URL>")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.root, self.val_root = root, val_root
+        self.shards, self.val_shards = shards, val_shards
+        self.shard_options = dict(storage_options=storage_options, cache_dir=shard_cache_dir, fetch=shard_fetch)
         self.sample_rate, self.crop_samples, self.eval_crop_samples = sample_rate, crop_samples, eval_crop_samples
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.normalize, self.max_per_speaker, self.strict, self.verify = normalize, max_per_speaker, strict, verify
         self.drop_last = drop_last
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self._datasets: dict[tuple[str, bool], AudioFolder] = {}
+        self._datasets: dict[tuple[str, bool], AudioFolder] = {}  # or ShardedAudioFolder
 
     def dataset(self, split: str, train: bool = False) -> AudioFolder:
         """The ``AudioFolder`` of ``split`` (``"train"``: ``root``, ``"val"``: ``val_root``), with the
         pretraining crops when ``train``, else the evaluation crops (built once, then reused)."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        root = self.root if split == "train" else self.val_root
+        sharded = self.shards is not None
+        root = (self.shards if split == "train" else self.val_shards) if sharded else None
+        root = root or (self.root if split == "train" else self.val_root)
         if root is None:
-            raise ValueError("labeled_dataloader('val') needs val_root: a folder of held-out speakers")
+            raise ValueError("labeled_dataloader('val') needs val_root (or val_shards): a folder of held-out speakers")
         key = (split, train)
         if key not in self._datasets:
-            self._datasets[key] = AudioFolder(
-                root,
+            common = dict(
                 sample_rate=self.sample_rate,
                 crop_samples=self.crop_samples if train else self.eval_crop_samples,
                 random_crop=train,
                 normalize=self.normalize,
                 max_per_speaker=self.max_per_speaker,
                 strict=self.strict,
-                verify=self.verify,
             )
+            if sharded and (split == "train" or self.val_shards is not None):
+                self._datasets[key] = ShardedAudioFolder(root, **common, **self.shard_options)
+            else:
+                self._datasets[key] = AudioFolder(root, verify=self.verify, **common)
         return self._datasets[key]
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:

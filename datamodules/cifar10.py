@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, Subset
 from lightning_ssl.datamodules.augmentations import CIFAR10_MEAN, CIFAR10_STD
 from lightning_ssl.datamodules.image_folder import RobustImageFolder
 from lightning_ssl.datamodules.in_memory import balanced_subset, load_images
+from lightning_ssl.datamodules.shards import ShardedImageFolder, join_url
 from lightning_ssl.datamodules.two_view_datamodule import TwoViewDataModule, Uint8ViewsDataset
 from lightning_ssl.datamodules.two_views import TensorImageDataset
 
@@ -36,7 +37,12 @@ class CIFAR10DataModule(TwoViewDataModule):
 
     Args:
         root: folder holding ``cifar-10-batches-py`` or the ``train``/``test`` image folders.
-        source: ``"auto"`` (binaries if present, else folders), ``"binary"`` or ``"folder"``.
+        shards: instead of ``root``, the folder or URL of the JPEG tree's shards made by
+            ``lightning-ssl prepare image-folder ROOT OUT --splits train test`` (docs/data.md).
+        storage_options, shard_cache_dir, shard_fetch: for shards on an object store (see
+            ``ImageNetDataModule``).
+        source: ``"auto"`` (shards if given, else binaries if present, else folders), ``"binary"``,
+            ``"folder"`` or ``"shards"``.
         download: fetch the binaries into ``root`` if they are missing (never done otherwise).
         train_split, val_split: image-tree split folder names.
         train_per_class, val_per_class: keep the first ``n`` images of each class (a deterministic,
@@ -50,6 +56,10 @@ class CIFAR10DataModule(TwoViewDataModule):
     def __init__(
         self,
         root: str = "~/.cache/lightning-ssl/cifar10-jpg",
+        shards: str | None = None,
+        storage_options: dict | None = None,
+        shard_cache_dir: str | None = None,
+        shard_fetch: str = "chunk",
         source: str = "auto",
         download: bool = False,
         train_split: str = "train",
@@ -82,12 +92,16 @@ class CIFAR10DataModule(TwoViewDataModule):
             std=CIFAR10_STD,
             **kwargs,
         )
-        if source not in ("auto", "binary", "folder"):
-            raise ValueError(f"source must be 'auto', 'binary' or 'folder', got {source!r}")
+        if source not in ("auto", "binary", "folder", "shards"):
+            raise ValueError(f"source must be 'auto', 'binary', 'folder' or 'shards', got {source!r}")
+        if source == "shards" and shards is None:
+            raise ValueError("source='shards' needs shards=<folder or URL made by lightning-ssl prepare>")
         if resident_device is not None and not (in_memory and self.gpu_augment and self.num_workers == 0):
             raise ValueError("resident_device needs in_memory=True, gpu_augment=True and num_workers=0")
         self.root = Path(root).expanduser()
         self.source, self.download = source, download
+        self.shards, self.storage_options, self.shard_cache_dir = shards, storage_options, shard_cache_dir
+        self.shard_fetch = shard_fetch
         self.splits = {"train": train_split, "val": val_split}
         self.per_class = {"train": train_per_class, "val": val_per_class}
         self.in_memory, self.resident_device = in_memory, resident_device
@@ -99,6 +113,8 @@ class CIFAR10DataModule(TwoViewDataModule):
     def _resolved_source(self) -> str:
         if self.source != "auto":
             return self.source
+        if self.shards is not None:
+            return "shards"
         if (self.root / _BINARY_DIR).is_dir() or self.root.name == _BINARY_DIR:
             return "binary"
         if (self.root / self.splits["train"]).is_dir():
@@ -122,10 +138,19 @@ class CIFAR10DataModule(TwoViewDataModule):
                 return CIFAR10(str(root), train=split == "train", download=self.download)
             except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
                 raise FileNotFoundError(f"CIFAR-10 binaries not found or corrupted in {root}; {_LAYOUTS}") from err
+        classes = None if split == "train" else self._decoded_dataset("train").classes
+        if self._resolved_source() == "shards":
+            return ShardedImageFolder(
+                join_url(self.shards, self.splits[split]),
+                classes=classes,
+                storage_options=self.storage_options,
+                cache_dir=self.shard_cache_dir,
+                fetch=self.shard_fetch,
+                strict=self.strict,
+            )
         folder = self.root / self.splits[split]
         if not folder.is_dir():
             raise FileNotFoundError(f"split folder {folder} does not exist; {_LAYOUTS}")
-        classes = None if split == "train" else self._decoded_dataset("train").classes
         return RobustImageFolder(
             folder, classes=classes, strict=self.strict, verify=self.verify, index_cache=self.index_cache
         )

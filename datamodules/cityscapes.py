@@ -26,6 +26,7 @@ from torchvision.transforms import v2
 
 from lightning_ssl.datamodules.augmentations import preset, tensor_view_transform
 from lightning_ssl.datamodules.resumable import ResumableDataLoader
+from lightning_ssl.datamodules.shards import ShardedCityscapes, join_url
 from lightning_ssl.datamodules.two_views import MultiViewDataset
 
 __all__ = [
@@ -145,36 +146,60 @@ def _read_rgb(path: Path) -> torch.Tensor:
 
 
 class CityscapesImages(Dataset):
-    """Unlabeled images of one or more splits: ``(transform(image), -1)``."""
+    """Unlabeled images of one or more splits: ``(transform(image), -1)``; from the tree at ``root``,
+    or from ``shards`` (one ``ShardedCityscapes`` per split) when given."""
 
-    def __init__(self, root: str | Path, splits: tuple[str, ...] = ("train",), transform=None):
-        self.paths = [p for split in splits for p in cityscapes_images(root, split)]
+    def __init__(
+        self,
+        root: str | Path | None,
+        splits: tuple[str, ...] = ("train",),
+        transform=None,
+        shards: list[ShardedCityscapes] | None = None,
+    ):
+        if shards is not None:
+            self.entries = [(split, i) for split in shards for i in range(len(split))]
+        else:
+            self.entries = [(None, p) for split in splits for p in cityscapes_images(root, split)]
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.entries)
 
     def __getitem__(self, index: int):
-        image = tv_tensors.Image(_read_rgb(self.paths[index]))
+        source, item = self.entries[index]
+        image = tv_tensors.Image(_read_rgb(item) if source is None else source.image(item))
         return (self.transform(image) if self.transform is not None else image), -1
 
 
 class CityscapesSegmentation(Dataset):
     """``(image, mask)`` pairs; ``transform`` is applied jointly to the ``tv_tensors`` Image and Mask.
-    ``indices`` keeps a subset of the (sorted) labeled images."""
+    ``indices`` keeps a subset of the (sorted) labeled images. ``shard`` (a ``ShardedCityscapes`` of the
+    split) replaces the tree at ``root``."""
 
-    def __init__(self, root: str | Path, split: str = "train", transform=None, indices=None, strict: bool = False):
-        pairs = cityscapes_pairs(root, split, strict=strict)
+    def __init__(
+        self,
+        root: str | Path | None,
+        split: str = "train",
+        transform=None,
+        indices=None,
+        strict: bool = False,
+        shard: ShardedCityscapes | None = None,
+    ):
+        pairs = list(range(len(shard))) if shard is not None else cityscapes_pairs(root, split, strict=strict)
         self.pairs = pairs if indices is None else [pairs[int(i)] for i in indices]
-        self.transform = transform
+        self.transform, self.shard = transform, shard
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int):
-        image_path, label_path = self.pairs[index]
-        image = tv_tensors.Image(_read_rgb(image_path))
-        mask = tv_tensors.Mask(label_ids_to_train_ids(decode_image(str(label_path), mode=ImageReadMode.GRAY)[0]))
+        if self.shard is not None:
+            image, label_ids = self.shard.image(self.pairs[index]), self.shard.mask(self.pairs[index])
+        else:
+            image_path, label_path = self.pairs[index]
+            image, label_ids = _read_rgb(image_path), decode_image(str(label_path), mode=ImageReadMode.GRAY)
+        image = tv_tensors.Image(image)
+        mask = tv_tensors.Mask(label_ids_to_train_ids(label_ids[0]))
         if self.transform is not None:
             image, mask = self.transform(image, mask)
         return image, mask.long().as_subclass(torch.Tensor)
@@ -218,6 +243,10 @@ class CityscapesDataModule(pl.LightningDataModule):
 
     Args:
         root: the directory holding ``leftImg8bit/`` and ``gtFine/``.
+        shards: instead of ``root``, the folder or URL of the tree's shards made by ``lightning-ssl
+            prepare cityscapes`` (one sub-folder per split; the same samples as the tree).
+        storage_options, shard_cache_dir, shard_fetch: for shards on an object store (see
+            ``ImageNetDataModule``).
         mode: ``"ssl"`` (two views of unlabeled images) or ``"segmentation"`` (image, mask).
         batch_size, num_workers: loader settings.
         image_size: output size of the SSL views.
@@ -236,7 +265,7 @@ class CityscapesDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        root: str,
+        root: str | None = None,
         mode: str = "ssl",
         batch_size: int = 32,
         num_workers: int = 4,
@@ -253,16 +282,26 @@ class CityscapesDataModule(pl.LightningDataModule):
         subset_seed: int = 0,
         strict: bool = False,
         drop_last: bool = True,
+        shards: str | None = None,
+        storage_options: dict | None = None,
+        shard_cache_dir: str | None = None,
+        shard_fetch: str = "chunk",
     ):
         super().__init__()
         if mode not in ("ssl", "segmentation"):
             raise ValueError(f"mode must be 'ssl' or 'segmentation', got {mode!r}")
         if num_labeled is not None and num_labeled < 1:
             raise ValueError(f"num_labeled must be a positive number of images or None, got {num_labeled}")
-        root_path = Path(root)
-        if not root_path.is_dir():
+        if (root is None) == (shards is None):
+            raise ValueError("give the Cityscapes tree as root=<folder> or its shards as shards=<folder or URL>")
+        root_path = Path(root) if root is not None else None
+        if root_path is not None and not root_path.is_dir():
             raise FileNotFoundError(f"Cityscapes root {root_path} does not exist; {_LAYOUT}")
         self.root, self.mode = root_path, mode
+        self.shards, self.shard_options = (
+            shards,
+            dict(storage_options=storage_options, cache_dir=shard_cache_dir, fetch=shard_fetch),
+        )
         self.batch_size, self.num_workers, self.image_size = batch_size, num_workers, image_size
         self.augmentation, self.strength, self.blur = augmentation, strength, blur
         self.use_train_extra, self.crop_size, self.base_size = use_train_extra, crop_size, base_size
@@ -284,23 +323,34 @@ class CityscapesDataModule(pl.LightningDataModule):
         """Indices (into the sorted labeled training images) of the ``num_labeled`` subset."""
         if self.num_labeled is None:
             return None
-        total = len(cityscapes_pairs(self.root, "train", strict=self.strict))
+        if self.shards is not None:
+            total = len(self._shard("train"))
+        else:
+            total = len(cityscapes_pairs(self.root, "train", strict=self.strict))
         if self.num_labeled > total:
             raise ValueError(f"num_labeled={self.num_labeled} but the training split has only {total} labeled images")
         gen = torch.Generator().manual_seed(self.subset_seed)
         return torch.randperm(total, generator=gen)[: self.num_labeled].sort().values.tolist()
 
+    def _shard(self, split: str) -> ShardedCityscapes | None:
+        """The shards of ``split`` when reading shards, else None."""
+        if self.shards is None:
+            return None
+        return ShardedCityscapes(join_url(self.shards, split), **self.shard_options)
+
     def train_dataset(self) -> Dataset:
         if self.mode == "ssl":
             splits = ("train", "train_extra") if self.use_train_extra else ("train",)
             views = cityscapes_ssl_views(self.image_size, self.augmentation, self.strength, self.blur)
-            return MultiViewDataset(CityscapesImages(self.root, splits), views)
+            shards = [self._shard(split) for split in splits] if self.shards is not None else None
+            return MultiViewDataset(CityscapesImages(self.root, splits, shards=shards), views)
         return CityscapesSegmentation(
             self.root,
             "train",
             segmentation_train_transform(self.crop_size, self.base_size, self.scale_range),
             indices=self.labeled_indices(),
             strict=self.strict,
+            shard=self._shard("train"),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -318,6 +368,6 @@ class CityscapesDataModule(pl.LightningDataModule):
         if self.mode == "ssl":
             return []  # no labels to validate on during pretraining
         dataset = CityscapesSegmentation(
-            self.root, "val", segmentation_eval_transform(self.val_size), strict=self.strict
+            self.root, "val", segmentation_eval_transform(self.val_size), strict=self.strict, shard=self._shard("val")
         )
         return self._loader(dataset, train=False)

@@ -17,6 +17,7 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from lightning_ssl.datamodules.image_folder import LAYOUT_HINT, RobustImageFolder
+from lightning_ssl.datamodules.shards import ShardedImageFolder, join_url
 from lightning_ssl.datamodules.two_view_datamodule import TwoViewDataModule
 
 __all__ = ["ImageNetDataModule", "read_class_list", "balanced_fraction"]
@@ -61,6 +62,14 @@ class ImageNetDataModule(TwoViewDataModule):
 
     Args:
         root: folder holding the split folders.
+        shards: instead of ``root``, the folder or URL (``s3://bucket/imagenet``) of the tree's
+            shards made by ``lightning-ssl prepare image-folder`` (one sub-folder per split); the same
+            samples, labels and batches as the folder (docs/data.md).
+        storage_options: for shards on an object store: passed to litdata and boto3
+            (``endpoint_url``, credentials); default: the environment's AWS settings.
+        shard_cache_dir: where chunks of remote shards are cached (default: litdata's).
+        shard_fetch: ``"chunk"`` (download remote chunks whole into that cache) or ``"sample"`` (one
+            byte-range request per sample, nothing cached).
         train_split, val_split: split folder names (``train``/``val``; ``train``/``test`` for the
             CIFAR-10 JPEG copy).
         class_list: text file of class folder names to keep (e.g. ImageNet-100); default all.
@@ -77,6 +86,10 @@ class ImageNetDataModule(TwoViewDataModule):
     def __init__(
         self,
         root: str = "data/imagenet",
+        shards: str | None = None,
+        storage_options: dict | None = None,
+        shard_cache_dir: str | None = None,
+        shard_fetch: str = "chunk",
         train_split: str = "train",
         val_split: str = "val",
         class_list: str | None = None,
@@ -97,10 +110,12 @@ class ImageNetDataModule(TwoViewDataModule):
         if verify not in ("header", "full", "none"):
             raise ValueError(f"verify must be 'header', 'full' or 'none', got {verify!r}")
         self.root = Path(root).expanduser()
+        self.shards, self.storage_options, self.shard_cache_dir = shards, storage_options, shard_cache_dir
+        self.shard_fetch = shard_fetch
         self.splits = {"train": train_split, "val": val_split}
         self.class_list, self.labeled_fraction, self.labeled_list = class_list, labeled_fraction, labeled_list
         self.fraction_seed, self.strict, self.verify, self.index_cache = fraction_seed, strict, verify, index_cache
-        self._datasets: dict[str, RobustImageFolder] = {}
+        self._datasets: dict[str, RobustImageFolder | ShardedImageFolder] = {}
 
     def _folder(self, split: str) -> Path:
         folder = self.root / self.splits[split]
@@ -117,11 +132,21 @@ class ImageNetDataModule(TwoViewDataModule):
             )
         return folder
 
-    def _base_dataset(self, split: str) -> RobustImageFolder:
+    def _base_dataset(self, split: str) -> RobustImageFolder | ShardedImageFolder:
         if split not in self._datasets:
             classes = read_class_list(self.class_list) if self.class_list else None
             if split == "val" and classes is None:
                 classes = self._base_dataset("train").classes  # labels agree with the training split
+            if self.shards is not None:
+                self._datasets[split] = ShardedImageFolder(
+                    join_url(self.shards, self.splits[split]),
+                    classes=classes,
+                    storage_options=self.storage_options,
+                    cache_dir=self.shard_cache_dir,
+                    fetch=self.shard_fetch,
+                    strict=self.strict,
+                )
+                return self._datasets[split]
             self._datasets[split] = RobustImageFolder(
                 self._folder(split),
                 classes=classes,

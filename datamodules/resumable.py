@@ -20,11 +20,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_ssl.distributed import rank, world_size
 
-__all__ = ["ResumableSampler", "ResumableDataLoader", "sample_seed", "SampleKey"]
+__all__ = ["ResumableSampler", "ResumableDataLoader", "sample_seed", "common_seed", "SampleKey"]
 
 SampleKey = tuple[int, int]  # (index into the dataset, seed of this sample's augmentation in this epoch)
 _MASK63 = (1 << 63) - 1
@@ -38,6 +39,17 @@ def sample_seed(base_seed: int, epoch: int, index: int) -> int:
     x ^= x >> 27
     x = (x * 0x94D049BB133111EB) & _MASK63
     return x ^ (x >> 31)
+
+
+def common_seed(seed: int) -> int:
+    """Rank 0's ``seed`` on every process. The ranks must shuffle with one permutation to take disjoint
+    shards that together cover the epoch; processes seeded differently (``seed_everything`` without a
+    fixed value seeds each rank at random) would otherwise read overlapping samples and miss others."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return seed
+    box = [seed]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
 
 
 class ResumableSampler(DistributedSampler):
@@ -67,7 +79,8 @@ class ResumableSampler(DistributedSampler):
 class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` over a dataset that accepts ``(index, seed)`` keys, shuffled by a
     ``ResumableSampler``, whose position in the epoch checkpoints save and restore (see the module
-    docstring). ``seed`` defaults to ``torch.initial_seed()``, i.e. follows ``seed_everything``."""
+    docstring). ``seed`` defaults to rank 0's ``torch.initial_seed()``, i.e. follows ``seed_everything``
+    and is the same on every process (``common_seed``)."""
 
     def __init__(
         self,
@@ -78,7 +91,7 @@ class ResumableDataLoader(DataLoader):
         seed: int | None = None,
         **kwargs,
     ):
-        seed = torch.initial_seed() % 2**31 if seed is None else seed
+        seed = common_seed(torch.initial_seed() % 2**31) if seed is None else seed
         sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed, drop_last=False)
         # its own generator: creating an iterator draws no number from the global RNG
         generator = kwargs.pop("generator", None) or torch.Generator().manual_seed(seed)
@@ -100,20 +113,25 @@ class ResumableDataLoader(DataLoader):
         return {
             "epoch": self.sampler.epoch,
             "batches": self._delivered,
+            "length": len(self),
             "batch_size": self.batch_size,
             "world_size": self.sampler.num_replicas,
             "seed": self.sampler.seed,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where ``state`` stopped. Mid-epoch, the position only means the same samples with the
+        same number of processes and batch size, so other numbers stop with an error; a checkpoint taken
+        at the end of an epoch resumes with any (the next epoch is dealt out to the new processes)."""
         saved = (state.get("world_size"), state.get("batch_size"))
-        if saved != (self.sampler.num_replicas, self.batch_size):
+        finished = "length" in state and state["batches"] >= state["length"]
+        if saved != (self.sampler.num_replicas, self.batch_size) and not finished:
             raise ValueError(
-                f"the checkpoint was taken with {saved[0]} process(es) x batch {saved[1]}, this run has "
-                f"{self.sampler.num_replicas} x {self.batch_size}: resume with the same numbers, or from an "
-                "end-of-epoch checkpoint"
+                f"the checkpoint was taken mid-epoch with {saved[0]} process(es) x batch {saved[1]}, this run "
+                f"has {self.sampler.num_replicas} x {self.batch_size}: resume with the same numbers, or from a "
+                "checkpoint taken at the end of an epoch"
             )
         self.sampler.seed = state.get("seed", self.sampler.seed)
         self.sampler.set_epoch(state["epoch"])
-        batches = state["batches"] if state["batches"] < len(self) else 0
+        batches = state["batches"] if state["batches"] < len(self) and not finished else 0
         self.sampler.start = batches * self.batch_size

@@ -8,6 +8,7 @@
     lightning-ssl predict --config ... --ckpt_path last    # embeddings to <default_root_dir>/embeddings.pt
     lightning-ssl export CKPT OUT.pt             # encoder as a torchvision state_dict
     lightning-ssl speaker-eval CKPT ROOT [--trials FILE]   # CPCAudio: EER and minDCF (e.g. VoxCeleb1-O)
+    lightning-ssl prepare image-folder ROOT OUT  # a dataset tree as litdata shards (train with shards=OUT)
 
 ``--model`` takes any ``SSLMethod`` subclass (every entry of ``lightning_ssl.REGISTRY``) and ``--data``
 any ``LightningDataModule`` (``lightning_ssl.datamodules.*`` are registered by their short names).
@@ -48,6 +49,7 @@ import lightning_ssl.methods
 from lightning_ssl.callbacks import DivergenceError, Preempted
 from lightning_ssl.checkpoints import method_mismatch, read_checkpoint
 from lightning_ssl.datamodules.audio import AudioFolder
+from lightning_ssl.datamodules.prepare import prepare_main
 from lightning_ssl.distributed import launcher_trainer_flags
 from lightning_ssl.evaluation.export import export_main, load_encoder
 from lightning_ssl.evaluation.speaker import (
@@ -302,6 +304,9 @@ def _run(argv: list[str], args: list[str] | None) -> None:
         return
     if argv[:1] == ["speaker-eval"]:
         speaker_eval_main(argv[1:])
+        return
+    if argv[:1] == ["prepare"]:
+        prepare_main(argv[1:])
         return
     _quiet_lightning_tips()
     if any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in argv):

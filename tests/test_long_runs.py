@@ -27,9 +27,12 @@ TESTS = Path(__file__).resolve().parent
 EVERY, TOTAL, PAUSE = 4, 16, 10  # checkpoint every 4 steps; 16 steps (11 per epoch: crosses an epoch); stop at 10
 
 
-def write_config(root: Path, name: str, max_steps: int = TOTAL, pause: int | None = None, **trainer) -> Path:
+def write_config(
+    root: Path, name: str, max_steps: int = TOTAL, pause: int | None = None, shards: Path | None = None, **trainer
+) -> Path:
     """A tiny CLI config: a registered method (small heads, ResNet-18 with the CIFAR stem) on 180 digits
-    of 16x16 pixels, batch 16 (11 steps per epoch), a checkpoint every 4 steps, one CPU thread."""
+    of 16x16 pixels (or, with ``shards``, the 180 images of ``sharded_tree``), batch 16 (11 steps per
+    epoch), a checkpoint every 4 steps, one CPU thread."""
     callbacks = [
         {
             "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
@@ -62,6 +65,11 @@ def write_config(root: Path, name: str, max_steps: int = TOTAL, pause: int | Non
             "init_args": {"batch_size": 16, "image_size": 16, "val_fraction": 0.9, "num_workers": 0},
         },
     }
+    if shards is not None:
+        config["data"] = {
+            "class_path": "lightning_ssl.datamodules.ImageNetDataModule",
+            "init_args": {"shards": str(shards), "batch_size": 16, "image_size": 16, "num_workers": 2},
+        }
     root.mkdir(parents=True, exist_ok=True)
     path = root / "run.yaml"  # not config.yaml: the CLI saves the resolved config there
     path.write_text(yaml.safe_dump(config))
@@ -102,18 +110,31 @@ def assert_same_training_state(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The reference: a method's 16-step run without interruption (its last checkpoint), run once per
-    method when a test first asks for it."""
-    done: dict[str, Path] = {}
+    method (and data source) when a test first asks for it."""
+    done: dict[tuple[str, Path | None], Path] = {}
 
-    def run(name: str) -> Path:
-        if name not in done:
+    def run(name: str, shards: Path | None = None) -> Path:
+        if (name, shards) not in done:
             root = tmp_path_factory.mktemp(f"straight-{name}")
-            result = cli("fit", "--config", str(write_config(root, name)))
+            result = cli("fit", "--config", str(write_config(root, name, shards=shards)))
             assert result.returncode == 0, result.stderr[-4000:]
-            done[name] = root / "checkpoints" / "last.ckpt"
-        return done[name]
+            done[name, shards] = root / "checkpoints" / "last.ckpt"
+        return done[name, shards]
 
     return run
+
+
+@pytest.fixture(scope="module")
+def sharded_tree(tmp_path_factory) -> Path:
+    """Shards (``lightning-ssl prepare``) of a generated tree: 180 training images of 10 classes."""
+    from image_trees import make_tree
+
+    from lightning_ssl.datamodules.prepare import prepare_image_folder
+
+    tree = make_tree(tmp_path_factory.mktemp("tree"), {"train": 18, "val": 2}, [f"c{i}" for i in range(10)])
+    out = tmp_path_factory.mktemp("shards")
+    prepare_image_folder(tree, out, progress=False, workers=1, chunk_bytes="16KB")
+    return out
 
 
 # SimCLR and MoCo v2 (queue) by default; BYOL (EMA) and CPC in the slow run (-m slow)
@@ -136,6 +157,19 @@ def test_sigkill_mid_epoch_then_resume_from_the_cli_is_exact(tmp_path, name, uni
     resumed = cli("fit", "--config", str(write_config(tmp_path, name)), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert_same_training_state(tmp_path / "checkpoints" / "last.ckpt", uninterrupted(name))
+
+
+def test_sigkill_mid_epoch_then_resume_from_sharded_data_is_exact(tmp_path, sharded_tree, uninterrupted):
+    """The same with the data read from litdata shards by 2 loader workers: the resumed run continues at
+    the right sample of the shards, and ends equal to the uninterrupted one."""
+    proc = cli("fit", "--config", str(write_config(tmp_path, "simclr", pause=PAUSE, shards=sharded_tree)), wait=False)
+    wait_for(tmp_path / "paused", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    resumed = cli("fit", "--config", str(write_config(tmp_path, "simclr", shards=sharded_tree)), "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert_same_training_state(tmp_path / "checkpoints" / "last.ckpt", uninterrupted("simclr", sharded_tree))
 
 
 def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(tmp_path, uninterrupted):
