@@ -67,7 +67,7 @@ class ImageNetDataModule(TwoViewDataModule):
             samples, labels and batches as the folder (docs/data.md).
         storage_options: for shards on an object store: passed to litdata and boto3
             (``endpoint_url``, credentials); default: the environment's AWS settings.
-        shard_cache_dir: where chunks of remote shards are cached (default: litdata's).
+        shard_cache_dir: where chunks of shards on S3 are cached (default ~/.cache/lightning-ssl/shards).
         shard_fetch: ``"chunk"`` (download remote chunks whole into that cache) or ``"sample"`` (one
             byte-range request per sample, nothing cached).
         train_split, val_split: split folder names (``train``/``val``; ``train``/``test`` for the

@@ -5,8 +5,8 @@ A sharded split is a litdata dataset (``index.json`` and ``chunk-*.bin`` files, 
 class names, and the relative path and label of every sample in shard order. The manifest lets a
 datamodule build its labeled subsets (class lists, 1%/10% fractions, labeled lists) and shuffle
 without reading a single shard; the samples themselves are read on demand, by index, from litdata's
-``StreamingDataset`` (local folders, ``s3://``, ``gs://`` and the other stores litdata reads; chunks
-of a remote store are downloaded into a local cache as they are first needed).
+``StreamingDataset``, from a local folder or from S3 (any S3-compatible store), whose chunks are
+downloaded whole into a local cache as they are first needed (``ShardReader``).
 
 The datasets here are map-style: the project's ``ResumableDataLoader`` orders and shards them, so a
 sharded source gives the same batches, the same per-sample augmentation and the same exact mid-epoch
