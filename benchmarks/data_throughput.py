@@ -79,10 +79,12 @@ def baseline_loader(root: Path, size: int, batch: int, workers: int) -> DataLoad
     )
 
 
-def ours(root: Path, size: int, batch: int, workers: int, gpu: bool) -> ImageNetDataModule:
+def ours(root: Path | None, size: int, batch: int, workers: int, gpu: bool, **source) -> ImageNetDataModule:
+    """The project's datamodule on ``root`` (or on ``source``, e.g. ``shards=...``) with the SimCLR views."""
     small = size <= 64
+    source = {"root": str(root), **source} if root is not None else source
     return ImageNetDataModule(
-        root=str(root),
+        **source,
         batch_size=batch,
         num_workers=workers,
         image_size=size,

@@ -23,23 +23,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import CIFAR_ROOT as CIFAR
-from benchmarks.data_throughput import make_jpegs, measure
-from lightning_ssl.datamodules import ImageNetDataModule
+from benchmarks.data_throughput import make_jpegs, measure, ours
 from lightning_ssl.datamodules.prepare import prepare_image_folder
-
-
-def datamodule(size: int, batch: int, workers: int, **source) -> ImageNetDataModule:
-    """The SimCLR views of data_throughput's "cpu" row, from ``source`` (``root`` or ``shards``)."""
-    small = size <= 64
-    return ImageNetDataModule(
-        batch_size=batch,
-        num_workers=workers,
-        image_size=size,
-        small_image=small,
-        strength=0.5 if small else 1.0,
-        pin_memory=False,
-        **source,
-    )
 
 
 def cifar_subset(root: Path, n: int) -> Path:
@@ -117,7 +102,7 @@ def main() -> None:
                         {"shards": url, "storage_options": options, "shard_cache_dir": str(tmp / f"cache{size}")},
                     ),
                 ):
-                    dm = datamodule(size, batch, args.workers, **kwargs)
+                    dm = ours(kwargs.pop("root", None), size, batch, args.workers, False, **kwargs)
                     dm.setup("fit")
                     rate = measure(dm.train_dataloader(), args.seconds)
                     rows.append((size, source, name, rate))

@@ -211,7 +211,7 @@ class AudioFolder(Dataset):
         return load_skipping_unreadable(
             self.samples,
             index,
-            lambda path: load_audio(path, self.sample_rate),
+            lambda i: load_audio(self.samples[i][0], self.sample_rate),
             _decode_errors(),
             kind="audio",
             bad_files=self.bad_files,
@@ -264,9 +264,7 @@ class ShardedAudioFolder(AudioFolder):
     ):
         if crop_samples is not None and crop_samples < 1:
             raise ValueError(f"crop_samples must be positive or None, got {crop_samples}")
-        manifest = read_manifest(url, storage_options)
-        if manifest["kind"] != "audio":
-            raise ValueError(f"{url} holds {manifest['kind']} shards, not audio shards (lightning-ssl prepare audio)")
+        manifest = read_manifest(url, storage_options, kind="audio")
         self.root = str(url)
         self.sample_rate, self.crop_samples, self.random_crop = sample_rate, crop_samples, random_crop
         self.normalize, self.strict, self.max_retries = normalize, strict, max_retries
@@ -285,7 +283,7 @@ class ShardedAudioFolder(AudioFolder):
         if not rows:
             raise FileNotFoundError(f"no utterance of the speakers {summarize(self.speakers)} in the shards at {url}")
         self.samples = [(path, label) for _, path, label in rows]
-        self._shard_index = {path: i for i, path, _ in rows}
+        self._shard_index = [i for i, _, _ in rows]
         self.targets = [label for _, label in self.samples]
         self.skipped = list(manifest["skipped"])
         self.bad_files: list[str] = []
@@ -295,8 +293,8 @@ class ShardedAudioFolder(AudioFolder):
     def relative_paths(self) -> list[str]:
         return [path for path, _ in self.samples]
 
-    def _read(self, path: str) -> np.ndarray:
-        data = bytes(self.reader[self._shard_index[path]]["audio"])
+    def _read(self, index: int) -> np.ndarray:
+        data = bytes(self.reader[self._shard_index[index]]["audio"])
         return decode_audio(io.BytesIO(data), self.sample_rate)
 
     def load(self, index: int) -> tuple[np.ndarray, int]:

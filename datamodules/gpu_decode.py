@@ -119,12 +119,6 @@ def _read_file(path: str) -> tuple[str, bytes]:
         return path, _checked(f.read())
 
 
-class _Key(str):
-    """A record's name in messages (``Dataset[index]``), carrying its index."""
-
-    position: int
-
-
 class _Records:
     """``(key, label)`` pairs of an ``EncodedDataset``, for ``load_skipping_unreadable`` (the label is
     read with the bytes, by ``read``)."""
@@ -135,14 +129,12 @@ class _Records:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[_Key, int]:
-        key = _Key(f"{self.name}[{index}]")
-        key.position = index
-        return key, -1
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        return f"{self.name}[{index}]", -1
 
-    def read(self, key: _Key) -> tuple[str, bytes, int]:
-        data, label = self.dataset.encoded(key.position)
-        return str(key), _checked(data), label
+    def read(self, index: int) -> tuple[str, bytes, int]:
+        data, label = self.dataset.encoded(index)
+        return self[index][0], _checked(data), label
 
 
 class EncodedViewsDataset(Dataset):
@@ -180,7 +172,7 @@ class EncodedViewsDataset(Dataset):
         (name, data), label = load_skipping_unreadable(
             inner.samples,
             index,
-            _read_file,
+            lambda i: _read_file(inner.samples[i][0]),
             (OSError,),
             kind="image",
             bad_files=inner.bad_files,

@@ -33,11 +33,11 @@ from torch.utils.data import Dataset
 from lightning_ssl.datamodules.file_index import index_folder
 from lightning_ssl.datamodules.unreadable import load_skipping_unreadable, summarize
 
-__all__ = ["RobustImageFolder", "load_rgb", "IMAGE_EXTENSIONS", "LAYOUT_HINT"]
+__all__ = ["RobustImageFolder", "load_rgb", "IMAGE_EXTENSIONS", "LAYOUT_HINT", "DECODE_ERRORS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 LAYOUT_HINT = "expected layout: <root>/<split>/<class>/<image>.jpg, e.g. imagenet/train/n01440764/n01440764_10026.JPEG"
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _STRICT_DECODING = threading.Lock()
 
 
@@ -169,7 +169,7 @@ class RobustImageFolder(Dataset):
                 return None
             with open(path, "rb") as f:
                 header = f.read(16)
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             return f"unreadable: {type(err).__name__}: {err}"
         if not header:
             return "empty file"
@@ -183,8 +183,8 @@ class RobustImageFolder(Dataset):
         return load_skipping_unreadable(
             self.samples,
             index,
-            load_rgb,
-            _DECODE_ERRORS,
+            lambda i: load_rgb(self.samples[i][0]),
+            DECODE_ERRORS,
             kind="image",
             bad_files=self.bad_files,
             strict=self.strict,

@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,8 +38,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
-from lightning_ssl.datamodules.image_folder import load_rgb
-from lightning_ssl.datamodules.unreadable import summarize
+from lightning_ssl.datamodules.image_folder import DECODE_ERRORS, load_rgb
+from lightning_ssl.datamodules.unreadable import load_skipping_unreadable, summarize
 
 __all__ = [
     "MANIFEST",
@@ -94,8 +93,14 @@ def _read_remote(url: str, storage_options: dict | None) -> bytes:
         raise FileNotFoundError(f"{url} does not exist") from err
 
 
-def read_manifest(split_url: str | os.PathLike, storage_options: dict | None = None) -> dict[str, Any]:
-    """The manifest of a sharded split (local folder or ``s3://`` URL)."""
+_PREPARE_KIND = {"image_folder": "image-folder", "audio": "audio", "cityscapes": "cityscapes"}
+
+
+def read_manifest(
+    split_url: str | os.PathLike, storage_options: dict | None = None, kind: str | None = None
+) -> dict[str, Any]:
+    """The manifest of a sharded split (local folder or ``s3://`` URL); with ``kind``, one error unless
+    the split holds that kind of data."""
     url = join_url(split_url, MANIFEST)
     hint = "make the shards with `lightning-ssl prepare` (docs/data.md)"
     if is_remote(url):
@@ -113,6 +118,11 @@ def read_manifest(split_url: str | os.PathLike, storage_options: dict | None = N
     manifest = json.loads(raw)
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{url} is not a lightning-ssl shard manifest (format {manifest.get('format')!r})")
+    if kind is not None and manifest["kind"] != kind:
+        raise ValueError(
+            f"{split_url} holds {manifest['kind']} shards, not {kind} shards "
+            f"(made by lightning-ssl prepare {_PREPARE_KIND.get(kind, kind)})"
+        )
     return manifest
 
 
@@ -345,8 +355,7 @@ class ShardReader:
             kwargs: dict[str, Any] = {"cache_dir": str(self.cache), "batch_decode": False}
             if self.storage_options:
                 kwargs["storage_options"] = self.storage_options
-            dataset = StreamingDataset(self.url, **kwargs)
-            return dataset
+            return StreamingDataset(self.url, **kwargs)
         self._client = _s3_client(self.storage_options)
         bucket, key = _s3_location(join_url(self.url, "index.json"))
         index = self._client.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -414,9 +423,7 @@ class ShardedImageFolder(Dataset):
         max_retries: int = 50,
     ):
         self.root = str(url)
-        manifest = read_manifest(url, storage_options)
-        if manifest["kind"] != "image_folder":
-            raise ValueError(f"{url} holds {manifest['kind']} shards, not image-folder shards")
+        manifest = read_manifest(url, storage_options, kind="image_folder")
         stored = manifest["classes"]
         self.classes = list(stored) if classes is None else list(classes)
         missing = [c for c in self.classes if c not in stored]
@@ -450,24 +457,16 @@ class ShardedImageFolder(Dataset):
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         """The RGB image at ``index`` (or the next one that decodes) and its label."""
-        for attempt in range(self.max_retries + 1):
-            i = (index + attempt) % len(self)
-            try:
-                return self._decode(i), self.samples[i][1]
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-                name = f"{self.root}[{i}] ({self.samples[i][0]})"
-                if self.strict:
-                    raise ValueError(f"cannot decode image {name}: {type(err).__name__}: {err} (strict=True)") from err
-                if name not in self.bad_files:
-                    self.bad_files.append(name)
-                    warnings.warn(
-                        f"cannot decode image {name} ({type(err).__name__}: {err}); replaced by another sample "
-                        f"({len(self.bad_files)} unreadable sample(s) so far in this process)",
-                        stacklevel=2,
-                    )
-        raise RuntimeError(
-            f"{self.max_retries + 1} consecutive unreadable samples from {index}: {summarize(self.bad_files)}; "
-            f"check the shards at {self.root}"
+        return load_skipping_unreadable(
+            self.samples,
+            index,
+            self._decode,
+            DECODE_ERRORS,
+            kind="image",
+            bad_files=self.bad_files,
+            strict=self.strict,
+            max_retries=self.max_retries,
+            root=self.root,
         )
 
     def __getitem__(self, index: int):
@@ -492,9 +491,7 @@ class ShardedCityscapes:
         cache_dir: str | None = None,
         fetch: str = "chunk",
     ):
-        manifest = read_manifest(url, storage_options)
-        if manifest["kind"] != "cityscapes":
-            raise ValueError(f"{url} holds {manifest['kind']} shards, not Cityscapes shards")
+        manifest = read_manifest(url, storage_options, kind="cityscapes")
         self.url, self.paths, self.has_masks = str(url), manifest["paths"], manifest.get("masks", False)
         self.reader = ShardReader(url, storage_options, cache_dir, fetch=fetch)
 

@@ -25,7 +25,7 @@ def summarize(paths: Sequence[Any]) -> str:
 def load_skipping_unreadable(
     samples: Sequence[tuple[str, int]],
     index: int,
-    read: Callable[[str], T],
+    read: Callable[[int], T],
     errors: tuple[type[BaseException], ...],
     *,
     kind: str,
@@ -34,15 +34,17 @@ def load_skipping_unreadable(
     max_retries: int,
     root: str | Path,
 ) -> tuple[T, int]:
-    """``(read(path), label)`` of ``samples[index]``, or of the next readable sample after it.
+    """``(read(i), label)`` of sample ``i = index``, or of the next readable sample after it; ``read``
+    gets the sample's position in ``samples`` (whose paths name it in messages).
 
     ``kind`` names the files in messages ("image", "audio"); ``bad_files`` is the dataset's list of
     unreadable paths met so far, appended to here.
     """
     for attempt in range(max_retries + 1):
-        path, label = samples[(index + attempt) % len(samples)]
+        position = (index + attempt) % len(samples)
+        path, label = samples[position]
         try:
-            return read(path), label
+            return read(position), label
         except errors as err:
             if strict:
                 raise ValueError(f"cannot decode {kind} {path}: {type(err).__name__}: {err} (strict=True)") from err
