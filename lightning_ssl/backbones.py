@@ -45,6 +45,9 @@ __all__ = [
     "vit_parameter_groups",
     "vit_depth",
     "TIMM_PREFIX",
+    "interpolate_positions",
+    "vision_transformer",
+    "VIT_SIZES",
 ]
 
 TIMM_PREFIX = "timm:"
@@ -70,8 +73,9 @@ class PooledBackbone(nn.Module):
         return out
 
 
-def _interpolate_positions(pos: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> torch.Tensor:
-    """Position embeddings ``1 x (prefix + N) x D`` of a square grid resized (bicubic) to ``grid``."""
+def interpolate_positions(pos: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> torch.Tensor:
+    """Position embeddings ``1 x (prefix + N) x D`` of a square grid resized (bicubic, as MAE's and DINO's
+    ``interpolate_pos_embed``) to ``grid``; the ``prefix`` (class-token) positions are kept as they are."""
     n = pos.shape[1] - prefix
     side = int(math.isqrt(n))
     if (side, side) == tuple(grid):
@@ -99,7 +103,7 @@ class ViTBackbone(PooledBackbone):
         grid = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([vit.class_token.expand(n, -1, -1), x], dim=1)
-        x = x + _interpolate_positions(vit.encoder.pos_embedding, tuple(grid))
+        x = x + interpolate_positions(vit.encoder.pos_embedding, tuple(grid))
         return vit.encoder.ln(vit.encoder.layers(vit.encoder.dropout(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -300,6 +304,37 @@ def zero_init_residual(model: nn.Module) -> nn.Module:
     return model
 
 
+# (layers, heads, width, MLP width) of the ViT sizes (Dosovitskiy et al. 2021, table 1; Ti and S from DeiT,
+# Touvron et al. 2021): torchvision builds B, L and H by name; Ti and S are built here as torchvision ViTs
+VIT_SIZES = {
+    "ti": (12, 3, 192, 768),
+    "s": (12, 6, 384, 1536),
+    "b": (12, 12, 768, 3072),
+    "l": (24, 16, 1024, 4096),
+    "h": (32, 16, 1280, 5120),
+}
+_VIT_NAME = re.compile(r"vit_(ti|s|b|l|h)_(\d+)")
+SMALL_IMAGE_VIT_PATCH = 4  # small_image=True: 4x4 patches on 32x32 images, an 8x8 grid
+
+
+def vision_transformer(
+    name: str, small_image: bool = False, num_classes: int = 1000
+) -> torchvision.models.VisionTransformer | None:
+    """A randomly initialized torchvision ``VisionTransformer`` for ``vit_<size>_<patch>`` (sizes ``ti``, ``s``,
+    ``b``, ``l``, ``h`` of ``VIT_SIZES``; e.g. ``vit_s_16`` is ViT-S/16, ``vit_b_16`` torchvision's ViT-B/16)
+    for 224x224 inputs, or with ``small_image=True`` the same widths with 4x4 patches for 32x32 inputs
+    (the ViT counterpart of the ResNets' CIFAR stem). ``None`` for other names."""
+    match = _VIT_NAME.fullmatch(name)
+    if match is None:
+        return None
+    size, patch = match.group(1), int(match.group(2))
+    layers, heads, width, mlp = VIT_SIZES[size]
+    if not small_image and name in torchvision.models.list_models(module=torchvision.models):
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    image_size, patch = (32, SMALL_IMAGE_VIT_PATCH) if small_image else (224, patch)
+    return torchvision.models.VisionTransformer(image_size, patch, layers, heads, width, mlp, num_classes=num_classes)
+
+
 def build_backbone(
     backbone: str | nn.Module,
     small_image: bool = False,
@@ -311,10 +346,12 @@ def build_backbone(
 
     Args:
         backbone: a torchvision classification model name (``"resnet18"``, ``"resnet50"``,
-            ``"efficientnet_b0"``, ``"vit_b_16"``, ...) built with random weights, a timm model as
+            ``"efficientnet_b0"``, ``"vit_b_16"``, ...) built with random weights, the ViT sizes of
+            ``vision_transformer`` (``"vit_ti_16"``, ``"vit_s_16"``), a timm model as
             ``"timm:<name>"`` (e.g. ``"timm:vit_small_patch16_224"``; the ``timm`` extra), or any
             ``nn.Module`` (a ``torchvision.models.VisionTransformer`` of any size becomes a ``ViTBackbone``).
-        small_image: CIFAR stem for ResNets (3x3 stride-1 conv1, no max-pool) for 32x32 inputs.
+        small_image: CIFAR stem for ResNets (3x3 stride-1 conv1, no max-pool) for 32x32 inputs; a ViT named
+            ``vit_<size>_<patch>`` gets 4x4 patches for 32x32 inputs instead (``vision_transformer``).
         feature_dim: the output dimension, when it cannot be inferred from a dummy forward.
         weights_path: a local file with a torchvision state_dict (e.g. supervised ImageNet weights)
             loaded with ``strict=True`` before the classifier is removed. Nothing is downloaded.
@@ -326,6 +363,17 @@ def build_backbone(
             raise ValueError("weights_path is for torchvision models; timm models are built with random weights")
         model = _timm_model(backbone[len(TIMM_PREFIX) :])
         inferred = int(model.num_features) if hasattr(model, "num_features") else None
+    elif isinstance(backbone, str) and vision_transformer(backbone) is not None:
+        if weights_path is not None and small_image:
+            raise ValueError("weights_path and small_image=True do not go together for a ViT: its patch size changes")
+        model = vision_transformer(backbone, small_image=small_image)
+        if weights_path is not None:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            model.load_state_dict(state, strict=True)
+        small_image = False  # the patch size did it
+        inferred = model.hidden_dim
     elif isinstance(backbone, str):
         available = torchvision.models.list_models(module=torchvision.models)
         if backbone not in available:
