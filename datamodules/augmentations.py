@@ -35,6 +35,10 @@ Presets (``preset(name, image_size, strength, small_image)``):
 * ``digits`` -- the quickstart's handwritten digits: crop scale 0.5-1 (ratio 0.75-1.33), rotation
   +-15 degrees and shear +-10 degrees, brightness and contrast 0.4 with p = 0.8, blur p = 0.5
   (kernel 3, sigma 0.1-1); no flip (a flipped digit is another symbol), no color.
+* ``mae`` -- He et al. 2022 (MAE), appendix A.1 (``main_pretrain.py``): one view, random resized crop
+  (scale 0.2-1), flip; no color augmentation, no blur.
+* ``ijepa`` -- Assran et al. 2023 (I-JEPA), sec. 4 and the paper's configs: one view, random resized crop
+  (scale 0.3-1); no flip, no color augmentation, no blur (``use_horizontal_flip: false``).
 * ``linear_eval`` -- the training views of linear evaluation and fine-tuning (Chen et al. 2020,
   appendix B.6): random resized crop (scale 0.08-1) and flip, one view.
 
@@ -251,6 +255,14 @@ def _digits(size: int, s: float) -> list[ViewConfig]:
     return [v, v]
 
 
+def _mae(size: int, s: float) -> list[ViewConfig]:
+    return [ViewConfig(size=size, scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)]
+
+
+def _ijepa(size: int, s: float) -> list[ViewConfig]:
+    return [ViewConfig(size=size, scale=(0.3, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)]
+
+
 def _linear_eval(size: int, s: float) -> list[ViewConfig]:
     return [ViewConfig(size=size, scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)]
 
@@ -265,6 +277,8 @@ PRESETS = {
     "cpc_v2": _cpc_v2,
     "seed": _seed,
     "digits": _digits,
+    "mae": _mae,
+    "ijepa": _ijepa,
     "linear_eval": _linear_eval,
 }
 _DEFAULT_SIZE = {"seed": 512, "digits": 32, "moco_cifar": 32, "cpc": 256, "cpc_v2": 256}
