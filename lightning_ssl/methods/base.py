@@ -36,6 +36,7 @@ from lightning_ssl.checkpoints import read_checkpoint
 from lightning_ssl.contracts import HasEMATargets, LabeledDataModule, require
 from lightning_ssl.evaluation.baselines import calibrate_norm_statistics
 from lightning_ssl.evaluation.knn import extract_features, knn_accuracy
+from lightning_ssl.mask_sampling import MaskSampler
 from lightning_ssl.optim import (
     LR_SCALING,
     OPTIMIZERS,
@@ -258,7 +259,12 @@ class SSLMethod(pl.LightningModule):
 
     # ------------------------------------------------------------------- fast path
     def setup(self, stage: str) -> None:
-        """Apply ``channels_last`` and ``compile_backbone`` once every submodule exists (EMA copies included)."""
+        """Apply ``channels_last`` and ``compile_backbone`` once every submodule exists (EMA copies included);
+        every process takes rank 0's mask seeds (``MaskSampler``: masked methods draw the same masks on any
+        number of processes)."""
+        for module in self.modules():
+            if isinstance(module, MaskSampler):
+                module.broadcast()
         if self.channels_last:
             # Weights in NHWC make every convolution (and the BN/ReLU after it) run channels-last;
             # the first convolution converts the NCHW input itself.
