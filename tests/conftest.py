@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,3 +55,15 @@ class TinyConvNet(nn.Module):
 @pytest.fixture
 def tiny_backbone() -> nn.Module:
     return TinyConvNet()
+
+
+def tiny_vit() -> nn.Module:
+    """A two-block ViT on 16x16 images (4x4 patches, width 32): the stand-in backbone of ViT-only methods."""
+    return torchvision.models.VisionTransformer(
+        image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+    )
+
+
+def small_backbone(entry) -> nn.Module:
+    """The fast test backbone of a registry entry: a tiny ViT for ViT-only methods, ``TinyConvNet`` otherwise."""
+    return tiny_vit() if entry.vit_only else TinyConvNet()

@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from audio_helpers import ExampleViewsDataModule
-from conftest import TinyConvNet
+from conftest import TinyConvNet, small_backbone
 from dist_utils import LOOPBACK, RandomTwoViewDataModule, free_port, run_distributed
 from helpers import quiet_trainer
 from test_dino import center_on_half, center_teacher
@@ -61,7 +61,7 @@ def _registered(name: str):
     on their own small backbone."""
     if not _is_image(name):
         return REGISTRY[name].build(size="small", warmup_epochs=0)
-    return REGISTRY[name].build(size="small", backbone=TinyConvNet(), warmup_epochs=0)
+    return REGISTRY[name].build(size="small", backbone=small_backbone(REGISTRY[name]), warmup_epochs=0)
 
 
 NAMES = sorted(REGISTRY)

@@ -58,7 +58,7 @@ def write_config(
         },
         "model": {
             "class_path": f"lightning_ssl.{REGISTRY[name].cls.__name__}",
-            "init_args": {"backbone": "resnet18", "small_image": True, "warmup_epochs": 1, **REGISTRY[name].small},
+            "init_args": {**REGISTRY[name].named_backbone, "warmup_epochs": 1, **REGISTRY[name].small},
         },
         "data": {
             "class_path": "lightning_ssl.datamodules.DigitsDataModule",

@@ -10,9 +10,10 @@ import torch
 
 from lightning_ssl.methods.base import SSLMethod
 
-__all__ = ["MethodEntry", "MODALITIES"]
+__all__ = ["MethodEntry", "MODALITIES", "VIT_BACKBONE"]
 
 MODALITIES = ("image", "audio")
+VIT_BACKBONE = {"backbone": "vit_ti_16", "small_image": True}  # ViT-Ti with 4x4 patches for small images
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,10 @@ class MethodEntry:
             16 kHz waveforms); ``example_views`` makes inputs of that kind.
         configs: the datasets of the method's configs, ``configs/<name>_<dataset>.yaml``.
         named_backbone: the arguments of a small backbone given by name (a hyperparameter, so that a
-            checkpoint rebuilds it): ResNet-18 with the CIFAR stem for images.
+            checkpoint rebuilds it): ResNet-18 with the CIFAR stem for images (``VIT_BACKBONE`` for ViT-only
+            methods).
+        vit_only: the method needs a ViT's patch tokens (masked-image and joint-embedding methods); the
+            contract tests give it a tiny ViT instead of a small convolutional network.
     """
 
     cls: type[SSLMethod]
@@ -39,6 +43,7 @@ class MethodEntry:
     modality: str = "image"
     configs: tuple[str, ...] = ("cifar10", "imagenet")
     named_backbone: Mapping[str, Any] = field(default_factory=lambda: {"backbone": "resnet18", "small_image": True})
+    vit_only: bool = False
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
