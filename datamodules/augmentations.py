@@ -320,11 +320,10 @@ def multi_crop(
 ) -> list[ViewConfig]:
     """``global_crops`` global views (``views`` cycled: BYOL's asymmetric pair stays a pair; crop scale
     ``global_scale`` when given) followed by ``local_crops`` local views of side ``local_size`` and crop
-    scale ``local_scale`` (see the module docstring). The defaults return ``views`` unchanged (two views)."""
+    scale ``local_scale`` (see the module docstring). The defaults return a two-view recipe unchanged;
+    ``global_crops=1`` gives one view (MAE, I-JEPA: each method checks how many views it needs)."""
     if global_crops < 1 or local_crops < 0:
         raise ValueError(f"need global_crops >= 1 and local_crops >= 0, got {global_crops} and {local_crops}")
-    if global_crops + local_crops < 2:
-        raise ValueError("multi-view pretraining needs at least two views (global_crops + local_crops >= 2)")
     globals_ = [views[i % len(views)] for i in range(global_crops)]
     if global_scale is not None:
         globals_ = [v.replace(scale=tuple(global_scale)) for v in globals_]

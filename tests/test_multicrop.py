@@ -38,8 +38,8 @@ def test_global_and_local_configs():
     assert all(v == local for v in views[3:])
     assert local.size == 96 and local.scale == (0.05, 0.4)
     assert local.blur_p == 0.5 and local.solarize_p == 0.0 and local.blur_kernel % 2 == 1
-    with pytest.raises(ValueError, match="at least two"):
-        multi_crop(preset("simclr", 32), 1, 0)
+    assert multi_crop(preset("mae", 32), 1, 0) == preset("mae", 32)  # one view: MAE, I-JEPA
+    assert multi_crop(preset("simclr", 32), 1, 0) == preset("simclr", 32)[:1]
     with pytest.raises(ValueError, match="global_crops"):
         multi_crop(preset("simclr", 32), 0, 4)
 
