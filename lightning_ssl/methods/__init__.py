@@ -10,9 +10,10 @@ from lightning_ssl.methods.byol import BYOL
 from lightning_ssl.methods.cpc import CPC, CPCv2
 from lightning_ssl.methods.cpc_audio import CPCAudio
 from lightning_ssl.methods.dino import DINO
+from lightning_ssl.methods.mae import MAE
 from lightning_ssl.methods.moco import MoCo, MoCoV2
 from lightning_ssl.methods.nnclr import NNCLR
-from lightning_ssl.methods.registry import MethodEntry
+from lightning_ssl.methods.registry import VIT_BACKBONE, MethodEntry
 from lightning_ssl.methods.simclr import SimCLR
 from lightning_ssl.methods.simsiam import SimSiam
 from lightning_ssl.methods.swav import SwAV
@@ -21,6 +22,7 @@ from lightning_ssl.methods.vicreg import VICReg
 _HEAD = {"projection_dim": 16}
 _CPC_SMALL = {"patch_size": 4, "patch_stride": 2, "embedding_dim": 16, "context_hidden_dim": 16, "context_blocks": 2}
 _CPC_CIFAR = {"patch_size": 8, "patch_stride": 4, "grid_size": 7}
+_VIT = {"vit_only": True, "named_backbone": VIT_BACKBONE}
 _AUDIO = {"modality": "audio", "configs": ("librispeech", "synthetic"), "named_backbone": {"backbone": "cpc"}}
 
 REGISTRY: dict[str, MethodEntry] = {
@@ -41,6 +43,12 @@ REGISTRY: dict[str, MethodEntry] = {
         SwAV, small={**_HEAD, "projection_hidden_dim": 32, "num_prototypes": 12, "freeze_prototypes_steps": 1}
     ),
     "dino": MethodEntry(DINO, small={"out_dim": 16, "head_hidden_dim": 32, "head_bottleneck_dim": 8}),
+    "mae": MethodEntry(
+        MAE,
+        small={"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2},
+        cifar={"decoder_dim": 128, "decoder_depth": 8, "decoder_heads": 4},
+        **_VIT,
+    ),
 }
 
 __all__ = ["SSLMethod", "MethodEntry", "REGISTRY", *(entry.cls.__name__ for entry in REGISTRY.values())]
