@@ -20,9 +20,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_ssl.backbones import infer_feature_dim
-from lightning_ssl.evaluation.export import load_encoder
+from lightning_ssl.evaluation.export import POOLS, encoder_pool, load_encoder, pooled_encoder
 
-__all__ = ["LinearEvaluation", "EncoderChangedError", "snapshot", "changed_tensors"]
+__all__ = ["LinearEvaluation", "EncoderChangedError", "snapshot", "changed_tensors", "images_and_targets"]
 
 
 class EncoderChangedError(RuntimeError):
@@ -40,7 +40,8 @@ def changed_tensors(module: nn.Module, reference: dict[str, torch.Tensor]) -> li
     return [k for k, v in reference.items() if k not in current or not torch.equal(current[k].detach().cpu(), v.cpu())]
 
 
-def _images(batch):
+def images_and_targets(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, targets)`` of a labeled batch; of a two-view batch, the first view's images."""
     images, target = batch
     if isinstance(images, (list, tuple)):  # a two-view batch: evaluate on the first view
         images = images[0]
@@ -59,6 +60,9 @@ class LinearEvaluation(pl.LightningModule):
         feature_dim: the encoder's output size (inferred for files and with a dummy forward otherwise).
         lr: SGD learning rate (0.1 for batch 256 in SimCLR's protocol; scale with your batch).
         momentum, nesterov, weight_decay: SGD settings (0.9, True, 0 by default).
+        pool: a ViT encoder's features: ``"cls"`` its class token, ``"mean"`` the mean of its patch tokens
+            (``export.pooled_encoder``). ``None``: what the checkpoint's ``encoder_spec`` (or an export's
+            sidecar) says, ``"cls"`` if nothing; a module is used as it is.
     """
 
     freeze_encoder = True
@@ -74,18 +78,22 @@ class LinearEvaluation(pl.LightningModule):
         momentum: float = 0.9,
         nesterov: bool = True,
         weight_decay: float = 0.0,
+        pool: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"] if isinstance(encoder, nn.Module) else None)
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        if pool is not None and pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(map(repr, POOLS))} or None, got {pool!r}")
         if isinstance(encoder, nn.Module):
-            self.encoder = encoder
+            self.encoder = encoder if pool is None else pooled_encoder(encoder, pool)
             if feature_dim is None:
-                feature_dim = infer_feature_dim(encoder, 32)
+                feature_dim = infer_feature_dim(self.encoder, 32)
         else:
-            self.encoder, dim = load_encoder(encoder, arch=arch, small_image=small_image)
+            self.encoder, dim = load_encoder(encoder, arch=arch, small_image=small_image, pool=pool)
             feature_dim = feature_dim or dim
+        self.pool = encoder_pool(self.encoder)
         self.feature_dim = int(feature_dim)
         self.head = nn.Linear(self.feature_dim, num_classes)
         if self.freeze_encoder:
@@ -135,13 +143,13 @@ class LinearEvaluation(pl.LightningModule):
 
     # ----------------------------------------------------------------- steps
     def training_step(self, batch, batch_idx):
-        images, target = _images(batch)
+        images, target = images_and_targets(batch)
         loss = F.cross_entropy(self(images), target)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        images, target = _images(batch)
+        images, target = images_and_targets(batch)
         logits = self(images)
         self.log("val/loss", F.cross_entropy(logits, target), sync_dist=True)
         self.val_top1.update(logits, target)
