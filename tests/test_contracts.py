@@ -246,13 +246,16 @@ def test_exported_and_loaded_encoder_compute_the_representation(tmp_path, name):
             torch.testing.assert_close(rebuilt.eval()(x), model.representation(x), atol=1e-5, rtol=1e-5)
         return
     state = torch.load(export_backbone(ckpt, tmp_path / "encoder.pt"), weights_only=True)
-    tv = torchvision_model("resnet18", small_image=True)
+    arch = REGISTRY[name].named_backbone["backbone"]
+    tv = torchvision_model(arch, small_image=True)
     if model.encoder_spec()["layer_norm"]:
         tv = batch_norm_to_layer_norm(tv)
     tv.load_state_dict(state, strict=True)
-    assert isinstance(tv, torchvision.models.ResNet)
-    # the export loads back (its sidecar: stem, norm layers, CPC's patch grid) to the same features
-    exported, _ = load_encoder(tmp_path / "encoder.pt", arch="resnet18")
+    assert isinstance(
+        tv, torchvision.models.VisionTransformer if REGISTRY[name].vit_only else torchvision.models.ResNet
+    )
+    # the export loads back (its sidecar: stem, norm layers, CPC's patch grid, pooling) to the same features
+    exported, _ = load_encoder(tmp_path / "encoder.pt", arch=arch)
     with torch.no_grad():
         torch.testing.assert_close(exported.eval()(x), model.representation(x), atol=1e-5, rtol=1e-5)
 

@@ -55,6 +55,7 @@ from lightning_ssl.backbones import (
     small_image_stem,
     strip_classifier,
     token_features,
+    vision_transformer,
     vit_depth,
 )
 from lightning_ssl.checkpoints import read_checkpoint
@@ -187,9 +188,13 @@ def encoder_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
 
 
 def torchvision_model(arch: str, small_image: bool = False, num_classes: int = 1000, seed: int = 0) -> nn.Module:
-    """A freshly initialized torchvision model (the small-image ResNet stem when asked)."""
+    """A freshly initialized torchvision model (the small-image ResNet stem when asked; a ViT named
+    ``vit_<size>_<patch>`` by ``backbones.vision_transformer``, with 4x4 patches for small images)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        vit = vision_transformer(arch, small_image=small_image, num_classes=num_classes)
+        if vit is not None:
+            return vit
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
         if small_image:
             small_image_stem(model)
@@ -199,7 +204,7 @@ def torchvision_model(arch: str, small_image: bool = False, num_classes: int = 1
 def load_torchvision_model(arch: str, weights_path: str | Path) -> nn.Module:
     """A torchvision model with the weights of a local state_dict file (``strict=True``): pass it as
     a method's ``backbone`` to start SSL from, e.g., supervised ImageNet weights or an export."""
-    model = torchvision.models.get_model(arch, weights=None)
+    model = vision_transformer(arch) or torchvision.models.get_model(arch, weights=None)
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return model
@@ -328,8 +333,16 @@ def loading_instructions(out: str | Path) -> str:
         text = "load it with:\n" + "\n".join(f"  {line}" for line in lines)
         text += f"\nor: lightning_ssl.evaluation.load_encoder({str(out)!r})  # the frozen encoder, pooled"
         return text + (" (the mean of the patch tokens)" if mean else "")
-    lines.append(f"model = torchvision.models.{arch}()")
-    if spec.get("small_image"):
+    vit = vision_transformer(arch, small_image=bool(spec.get("small_image")))
+    if vit is not None and (spec.get("small_image") or arch not in torchvision.models.list_models()):
+        lines.append(
+            f"model = torchvision.models.VisionTransformer({vit.image_size}, {vit.patch_size}, "
+            f"{len(vit.encoder.layers)}, {vit.encoder.layers[0].num_heads}, {vit.hidden_dim}, {vit.mlp_dim})"
+            f"  # {arch}" + (" with 4x4 patches for small images" if spec.get("small_image") else "")
+        )
+    else:
+        lines.append(f"model = torchvision.models.{arch}()")
+    if spec.get("small_image") and vit is None:
         conv1 = torch.load(out, map_location="cpu", weights_only=True)["conv1.weight"]
         lines.append(
             f"model.conv1 = torch.nn.Conv2d({conv1.shape[1]}, {conv1.shape[0]}, 3, 1, 1, bias=False)  "

@@ -12,6 +12,7 @@ from lightning_ssl.methods.cpc_audio import CPCAudio
 from lightning_ssl.methods.dino import DINO
 from lightning_ssl.methods.mae import MAE
 from lightning_ssl.methods.moco import MoCo, MoCoV2
+from lightning_ssl.methods.mocov3 import MoCoV3
 from lightning_ssl.methods.nnclr import NNCLR
 from lightning_ssl.methods.registry import VIT_BACKBONE, MethodEntry
 from lightning_ssl.methods.simclr import SimCLR
@@ -43,6 +44,7 @@ REGISTRY: dict[str, MethodEntry] = {
         SwAV, small={**_HEAD, "projection_hidden_dim": 32, "num_prototypes": 12, "freeze_prototypes_steps": 1}
     ),
     "dino": MethodEntry(DINO, small={"out_dim": 16, "head_hidden_dim": 32, "head_bottleneck_dim": 8}),
+    "mocov3": MethodEntry(MoCoV3, small={"projection_hidden_dim": 32, "projection_dim": 8}),
     "mae": MethodEntry(
         MAE,
         small={"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2},
