@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from lightning_ssl.backbones import PooledBackbone, vit_parameter_groups
+from lightning_ssl.mask_sampling import MaskSampler
 from lightning_ssl.masking import RandomMask, random_masking, restore_tokens
 from lightning_ssl.methods.base import SSLMethod
 from lightning_ssl.vit import (
@@ -218,8 +219,9 @@ class MAE(SSLMethod):
 
     Paper defaults (sec. 3-4, appendix A.1 table 8, and the paper's code, facebookresearch/mae):
     - masking: 75% of the patches removed per image, uniformly (``mask_ratio=0.75``; ``random_masking`` of
-      models_mae.py: argsort of uniform noise, ``int(N * (1 - mask_ratio))`` kept), drawn on the CPU from
-      torch's global generator (``masking.random_masking``), so a resumed run draws the same masks;
+      models_mae.py: argsort of uniform noise, ``int(N * (1 - mask_ratio))`` kept), drawn on the CPU for
+      the global batch by the method's ``MaskSampler`` (``masking.random_masking``), so 1 or N processes and
+      a resumed run draw the same masks;
     - encoder: the ViT (default ViT-B/16, ``vit_b_16``) on the visible patches and its class token only,
       with fixed 2-D sin-cos position embeddings (``vit.use_sincos_positions``) and, with ``mae_init``, the
       code's ``initialize_weights`` (Xavier-uniform linear layers and patch projection, zero biases, class
@@ -299,6 +301,7 @@ class MAE(SSLMethod):
         self.decoder = MAEDecoder(
             vit_width(self.backbone), self.patch_size, decoder_dim, decoder_depth, decoder_heads, 4.0, self.channels
         )
+        self.mask_sampler = MaskSampler()
 
     # ----------------------------------------------------------------- representation
     def representation(self, images: torch.Tensor, backbone: nn.Module | None = None) -> torch.Tensor:
@@ -323,9 +326,15 @@ class MAE(SSLMethod):
         restore = masking.restore.to(images.device, non_blocking=True)
         return self.decoder(encode_tokens(self.backbone, images, keep=keep), restore, grid)
 
-    def draw_masking(self, batch: int, num_patches: int) -> RandomMask:
-        """MAE's random masking of ``batch`` images of ``num_patches`` patches (``masking.random_masking``)."""
-        masking = random_masking(batch, num_patches, self.mask_ratio)
+    def draw_masking(self, batch: int, num_patches: int, batch_idx: int | None = None) -> RandomMask:
+        """MAE's random masking of ``batch`` images of ``num_patches`` patches (``masking.random_masking``):
+        with ``batch_idx`` (training), this process's rows of the global batch's masks from the method's
+        ``MaskSampler``; without, from torch's global generator."""
+        if batch_idx is None:
+            masking = random_masking(batch, num_patches, self.mask_ratio)
+        else:
+            draw = lambda n, g: random_masking(n, num_patches, self.mask_ratio, generator=g)  # noqa: E731
+            masking = self.mask_sampler.sample(draw, batch, self.current_epoch, batch_idx)
         if masking.keep.shape[1] == num_patches:
             raise ValueError(
                 f"mask_ratio={self.mask_ratio} removes no patch of {num_patches}; the loss is on removed patches"
@@ -338,7 +347,7 @@ class MAE(SSLMethod):
             raise ValueError("MAE expects batches (views, target) with views a non-empty list of B x 3 x H x W tensors")
         images = views[0]  # one view per image, as the paper; the datamodules' other views are not used
         rows, cols = self._check_images(images)
-        masking = self.draw_masking(images.shape[0], rows * cols)
+        masking = self.draw_masking(images.shape[0], rows * cols, batch_idx)
         pred = self.predict_pixels(images, masking)
         errors = mae_patch_errors(pred, images, self.patch_size, self.norm_pix_loss)
         mask = masking.mask.to(images.device, non_blocking=True)
