@@ -415,7 +415,8 @@ def build_backbone(
 
 
 def reset_parameters(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Return a deep copy of ``module`` with every submodule's parameters re-initialized."""
+    """Return a deep copy of ``module`` with every submodule's parameters re-initialized (a torchvision ViT's
+    class token and position embeddings too: zeros and N(0, 0.02), as torchvision initializes them)."""
     module = copy.deepcopy(module)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -424,6 +425,10 @@ def reset_parameters(module: nn.Module, seed: int = 0) -> nn.Module:
                 sub.reset_parameters()
             if hasattr(sub, "reset_running_stats") and callable(sub.reset_running_stats):
                 sub.reset_running_stats()
+            if isinstance(sub, torchvision.models.VisionTransformer):
+                with torch.no_grad():
+                    sub.class_token.zero_()
+                    sub.encoder.pos_embedding.normal_(std=0.02)
     return module
 
 

@@ -10,7 +10,13 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_ssl.backbones import VIT_SIZES, build_backbone, interpolate_positions, vision_transformer
+from lightning_ssl.backbones import (
+    VIT_SIZES,
+    build_backbone,
+    interpolate_positions,
+    reset_parameters,
+    vision_transformer,
+)
 from lightning_ssl.vit import (
     encode_tokens,
     freeze_patch_projection,
@@ -237,3 +243,14 @@ def test_named_vit_sizes(name):
     assert dim == width and vit_patch_size(backbone) == 4
     assert vision_transformer("resnet18") is None
     assert type(vision_transformer("vit_b_16")) is type(torchvision.models.vit_b_16())
+
+
+def test_reset_parameters_reinitializes_a_vits_tokens_and_positions():
+    backbone = tiny_vit()
+    with torch.no_grad():
+        backbone.module.encoder.pos_embedding.fill_(1.0)
+        backbone.module.class_token.fill_(1.0)
+    fresh = reset_parameters(backbone, seed=0)
+    assert torch.equal(fresh.module.class_token, torch.zeros_like(fresh.module.class_token))
+    assert abs(fresh.module.encoder.pos_embedding.std().item() - 0.02) < 0.005
+    assert torch.equal(backbone.module.class_token, torch.ones_like(backbone.module.class_token))  # a copy

@@ -360,23 +360,31 @@ class SSLMethod(pl.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == "fit":
             restore_rng_states(checkpoint.get("rng_states", []))
 
+    def prepare_backbone(self, module: nn.Module) -> nn.Module:
+        """The method's own changes to a freshly built backbone, in place (none here; MAE's initialization and
+        fixed sin-cos positions, MoCo v3's frozen patch projection, ...). A method applies it to its backbone in
+        ``__init__``; ``random_init_backbone`` applies it too, so the random-init baseline starts where training
+        started."""
+        return module
+
     def random_init_backbone(
         self, seed: int = 0, calibrate_on: Iterable | None = None, max_images: int | None = 5000
     ) -> nn.Module:
-        """A freshly initialized backbone of the same architecture (the random-init baseline). With
+        """A freshly initialized backbone of the same architecture, through ``prepare_backbone`` (the random-init
+        baseline). With
         ``calibrate_on`` (a loader of ``(images, labels)``, e.g. un-augmented training images), its batch-norm
         statistics are recomputed on up to ``max_images`` of them through this method's representation, with
         no weight change (``lightning_ssl.evaluation.calibrate_norm_statistics``): the honest baseline."""
         name = self.hparams.get("backbone")
-        if isinstance(name, str):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the global streams are left as they were
+            torch.manual_seed(seed)
+            if isinstance(name, str):
                 module, _ = build_backbone(
                     name, small_image=self.small_image, zero_init_residual_bn=self.zero_init_residual
                 )
-            module = module.to(self.device, self.dtype)
-        else:
-            module = reset_parameters(self.backbone, seed)
+            else:
+                module = reset_parameters(self.backbone, seed)
+            module = self.prepare_backbone(module).to(self.device, self.dtype)
         if calibrate_on is not None:
             encode = lambda x: self.representation(x, backbone=module)  # noqa: E731
             calibrate_norm_statistics(module, calibrate_on, encode, max_images, self.device)

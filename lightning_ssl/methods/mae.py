@@ -293,15 +293,20 @@ class MAE(SSLMethod):
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"betas must both lie in [0, 1), got {betas!r}")
         self.mask_ratio, self.norm_pix_loss, self.betas = float(mask_ratio), norm_pix_loss, (beta1, beta2)
-        if mae_init:
-            _init_encoder(self.backbone)
-        use_sincos_positions(self.backbone)
+        self.mae_init = mae_init
+        self.prepare_backbone(self.backbone)
         self.patch_size = vit_patch_size(self.backbone)
         self.channels = patch_projection(self.backbone).in_channels
         self.decoder = MAEDecoder(
             vit_width(self.backbone), self.patch_size, decoder_dim, decoder_depth, decoder_heads, 4.0, self.channels
         )
         self.mask_sampler = MaskSampler()
+
+    def prepare_backbone(self, module: nn.Module) -> nn.Module:
+        """The code's ``initialize_weights`` (with ``mae_init``) and fixed 2-D sin-cos positions, in place."""
+        if self.mae_init:
+            _init_encoder(module)
+        return use_sincos_positions(module)
 
     # ----------------------------------------------------------------- representation
     def representation(self, images: torch.Tensor, backbone: nn.Module | None = None) -> torch.Tensor:

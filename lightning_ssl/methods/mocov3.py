@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,7 +11,6 @@ from lightning_ssl.backbones import vit_depth
 from lightning_ssl.callbacks import EMAUpdate
 from lightning_ssl.distributed import gather_no_grad, rank
 from lightning_ssl.ema import ema_copy
-from lightning_ssl.evaluation.baselines import calibrate_norm_statistics
 from lightning_ssl.heads import mlp
 from lightning_ssl.methods.base import SSLMethod
 from lightning_ssl.optim import split_weight_decay
@@ -238,11 +235,7 @@ class MoCoV3(SSLMethod):
                     f"{name}=True needs a ViT backbone (e.g. 'vit_s_16', 'vit_b_16' or a "
                     f"torchvision.models.VisionTransformer), got {type(self.backbone).__name__}"
                 )
-        # before the momentum copy: the key encoder gets the same fixed projection and positions
-        if self.freeze_patch_projection:
-            vit.freeze_patch_projection(self.backbone)
-        if self.sincos_positions:
-            vit.use_sincos_positions(self.backbone)
+        self.prepare_backbone(self.backbone)  # before the momentum copy: the key encoder gets the same
 
         hidden = [projection_hidden_dim] * (self.projection_layers - 1)
         self.projector = mlp([self.feature_dim, *hidden, projection_dim], last_batch_norm=True, last_bias=False)
@@ -273,17 +266,12 @@ class MoCoV3(SSLMethod):
         return [{"params": params, "weight_decay": weight_decay, "lars_exclude": False}]
 
     # ------------------------------------------------------------------ evaluation
-    def random_init_backbone(
-        self, seed: int = 0, calibrate_on: Iterable | None = None, max_images: int | None = 5000
-    ) -> nn.Module:
-        """``SSLMethod.random_init_backbone`` with this method's fixed sin-cos positions (when it uses them), so
-        that the baseline starts where the trained encoder started; then the optional BN calibration."""
-        module = super().random_init_backbone(seed)
+    def prepare_backbone(self, module: nn.Module) -> nn.Module:
+        """The ViT recipe's frozen random patch projection and fixed sin-cos positions (when on), in place."""
+        if self.freeze_patch_projection:
+            vit.freeze_patch_projection(module)
         if self.sincos_positions:
             vit.use_sincos_positions(module)
-        if calibrate_on is not None:
-            encode = lambda x: self.representation(x, backbone=module)  # noqa: E731
-            calibrate_norm_statistics(module, calibrate_on, encode, max_images, self.device)
         return module
 
     # ------------------------------------------------------------------ training
