@@ -123,18 +123,19 @@ def run_method(name: str, args, dm) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=["simclr", "mocov2", "byol"], choices=IMAGE_METHODS)
-    p.add_argument("--backbone", default="resnet18", help="torchvision model name")
+    p.add_argument("--backbone", default="resnet18", help="torchvision model name (ViTs: vit_ti_16, vit_s_16, ...)")
     p.add_argument(
         "--small-image",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="CIFAR stem (3x3 stride-1 conv1, no max-pool); --no-small-image keeps the ImageNet stem",
+        help="CIFAR stem (3x3 stride-1 conv1, no max-pool; ViTs: 4x4 patches); --no-small-image: the ImageNet stem",
     )
     p.add_argument("--train-per-class", type=int, default=500, help="first N training images of each class")
     p.add_argument("--test-per-class", type=int, default=200, help="first N test images of each class")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--augmentation", default="simclr", help="recipe of lightning_ssl.datamodules.augmentations")
+    p.add_argument("--global-crops", type=int, default=2, help="views per image (1: MAE's and I-JEPA's one view)")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--method-args", nargs="*", default=DEFAULT_METHOD_ARGS, help="NAME:key=value,key=value ...")
     p.add_argument("--linear-epochs", type=int, default=0, help="linear evaluation epochs (0: kNN only)")
@@ -149,8 +150,17 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     apply_threads(args)
     wall = time.perf_counter()
-    dm = cifar10(args.root, args.train_per_class, args.test_per_class, args.batch_size, args.augmentation)
+    dm = cifar10(
+        args.root,
+        args.train_per_class,
+        args.test_per_class,
+        args.batch_size,
+        args.augmentation,
+        global_crops=args.global_crops,
+    )
     stem = "CIFAR stem" if args.small_image else "ImageNet stem"
+    if args.backbone.startswith("vit_"):
+        stem = "4x4 patches" if args.small_image else "its own patches"
     n_train, n_test = len(dm.labeled_dataloader("train").dataset), len(dm.labeled_dataloader("val").dataset)
     print(
         header(
