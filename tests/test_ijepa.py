@@ -203,6 +203,24 @@ def test_target_encoder_gets_no_gradient_the_online_networks_do():
     assert vit.conv_proj.weight.grad is not None and vit.encoder.layers[0].mlp[0].weight.grad is not None
 
 
+def test_encoder_gets_the_code_initialization():
+    model = make(predictor_dim=64, predictor_heads=2)
+    vit = model.backbone.module
+    for weight in (
+        vit.conv_proj.weight,
+        vit.encoder.layers[1].mlp[3].weight,
+        vit.encoder.layers[0].self_attention.in_proj_weight,
+    ):
+        assert weight.std().item() == pytest.approx(0.02, rel=0.15)
+    assert vit.conv_proj.bias.abs().sum() == 0 and vit.encoder.layers[0].mlp[0].bias.abs().sum() == 0
+    for name, p in model.backbone.state_dict().items():
+        assert torch.equal(p, model.backbone_ema.state_dict()[name]), name  # the target starts as a copy
+    torch.manual_seed(0)
+    kept = IJEPA(tiny_vit(), **SMALL, ijepa_init=False).backbone.module
+    torch.manual_seed(0)
+    assert torch.equal(kept.conv_proj.weight, tiny_vit().conv_proj.weight)  # torchvision's own
+
+
 def test_sincos_positions_are_fixed_in_both_encoders():
     model = make()
     for backbone in (model.backbone, model.backbone_ema):
@@ -245,9 +263,11 @@ def test_predictor_initialization_and_bad_arguments():
     predictor = IJEPAPredictor(32, predictor_dim=64, depth=3, num_heads=4)
     assert predictor.mask_token.shape == (1, 1, 64)
     assert 0.01 < predictor.mask_token.std().item() < 0.03 and predictor.embed.bias.abs().sum() == 0
-    stds = [block.mlp[3].weight.std().item() for block in predictor.blocks]  # 0.02 / sqrt(2 l)
-    for layer, std in enumerate(stds, start=1):
-        assert std == pytest.approx(0.02 * 0.88 / math.sqrt(2 * layer), rel=0.15)  # truncated normal: std x 0.88
+    # the code's final initialization: every linear layer N(0, 0.02) (init_model undoes fix_init_weight)
+    for block in predictor.blocks:
+        for weight in (block.mlp[3].weight, block.self_attention.out_proj.weight, block.self_attention.in_proj_weight):
+            assert weight.std().item() == pytest.approx(0.02, rel=0.1) and weight.abs().max() < 0.2
+        assert block.mlp[0].bias.abs().sum() == 0 and torch.equal(block.ln_1.weight, torch.ones(64))
     with pytest.raises(ValueError, match="multiple of 4"):
         IJEPAPredictor(32, predictor_dim=18)
     with pytest.raises(ValueError, match="multiple of num_heads"):
@@ -396,8 +416,9 @@ def test_named_cifar_backbone_rebuilds_from_its_hyperparameters():
     assert model.predictor.blocks[0].self_attention.num_heads == 3  # the encoder's heads
     rebuilt = IJEPA(**model.hparams)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    three_heads = torchvision.models.VisionTransformer(16, 4, num_layers=1, num_heads=3, hidden_dim=48, mlp_dim=96)
     with pytest.raises(ValueError, match=r"multiple of predictor_heads=3 \(the encoder's number of heads\)"):
-        IJEPA("vit_ti_16", small_image=True, predictor_dim=32)
+        IJEPA(three_heads, **{**SMALL, "predictor_dim": 32})
 
 
 def test_fit_with_the_paper_masks_on_an_8x8_grid(tmp_path):
@@ -421,8 +442,11 @@ def test_representation_is_the_mean_of_the_target_encoder_patch_tokens():
         torch.testing.assert_close(context(x), context.backbone.tokens(x)[:, 1:].mean(1))
     assert model.encoder_spec()["pool"] == "mean" and model.encoder_spec()["state_prefix"] == "backbone_ema."
     assert context.encoder_spec()["state_prefix"] == "backbone."
-    baseline = model.random_init_backbone(seed=1).module.encoder.pos_embedding
-    torch.testing.assert_close(baseline[0, 1:], sincos_2d(32, (4, 4)))
+    baseline = model.random_init_backbone(seed=1).module
+    torch.testing.assert_close(baseline.encoder.pos_embedding[0, 1:], sincos_2d(32, (4, 4)))
+    assert baseline.conv_proj.weight.std().item() == pytest.approx(0.02, rel=0.15)  # the method's init
+    assert torch.equal(baseline.conv_proj.weight, model.random_init_backbone(seed=1).module.conv_proj.weight)
+    assert not torch.equal(baseline.conv_proj.weight, model.backbone.module.conv_proj.weight)
 
 
 # ----------------------------------------------------------------------------------------- precision, host reads

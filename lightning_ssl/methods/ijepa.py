@@ -4,7 +4,6 @@ Architecture")."""
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ from lightning_ssl.masking import MultiBlockMasks, gather_tokens, multi_block_ma
 from lightning_ssl.methods.base import SSLMethod
 from lightning_ssl.vit import encode_tokens, is_vit, patch_grid, sincos_2d, use_sincos_positions, vit_width
 
-__all__ = ["IJEPA", "IJEPAPredictor", "ijepa_loss", "ijepa_targets", "linear_ema_tau", "LOSSES"]
+__all__ = ["IJEPA", "IJEPAPredictor", "ijepa_loss", "ijepa_targets", "ijepa_init_weights", "linear_ema_tau", "LOSSES"]
 
 LOSSES = ("l2", "smooth_l1")
 
@@ -61,6 +60,31 @@ def ijepa_loss(predictions: torch.Tensor, targets: torch.Tensor, loss: str = "l2
     return F.smooth_l1_loss(p, t)
 
 
+@torch.no_grad()
+def ijepa_init_weights(module: nn.Module) -> nn.Module:
+    """The initialization the paper's code ends with, in place: every ``nn.Linear`` and ``nn.Conv2d`` (the patch
+    embedding) a truncated-normal weight (std 0.02, cut at +-2) and a zero bias, every ``nn.LayerNorm`` weight 1
+    and bias 0; the fused query/key/value projection of ``nn.MultiheadAttention`` (torchvision's attention,
+    timm's ``qkv`` linear layer) the same as a linear layer. In the code, ``init_model`` of src/helper.py
+    re-initializes every linear layer after the models' constructors, which undoes their ``fix_init_weight``
+    rescaling of the residual projections, so none is applied here. Returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+            nn.init.trunc_normal_(m.in_proj_weight, std=0.02)
+            if m.in_proj_bias is not None:
+                nn.init.zeros_(m.in_proj_bias)
+    return module
+
+
 class IJEPAPredictor(nn.Module):
     """I-JEPA's predictor (``VisionTransformerPredictor`` of src/models/vision_transformer.py): a narrow ViT
     that embeds the context encoder's tokens linearly to ``predictor_dim``, adds their fixed 2-D sin-cos
@@ -71,8 +95,7 @@ class IJEPAPredictor(nn.Module):
 
     The M target blocks run as one batch of ``M * B`` sequences (the context repeated block-major, the
     code's ``x.repeat(len(masks), 1, 1)``), so each block is predicted from the context alone. Initialized
-    as the code: truncated normal (std 0.02) linear weights and mask token, zero biases, and the attention
-    output and second MLP weights of block ``l`` (1-based) divided by ``sqrt(2 l)`` (``fix_init_weight``).
+    as the code ends up (``ijepa_init_weights``; the mask token truncated normal, std 0.02).
     """
 
     def __init__(
@@ -104,24 +127,11 @@ class IJEPAPredictor(nn.Module):
         self._positions: dict[tuple, torch.Tensor] = {}
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The code's ``_init_weights`` and ``fix_init_weight``."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.MultiheadAttention):  # its fused qkv projection is a bare parameter
-                nn.init.trunc_normal_(m.in_proj_weight, std=0.02)
-                nn.init.zeros_(m.in_proj_bias)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        for layer, block in enumerate(self.blocks, start=1):
-            block.self_attention.out_proj.weight.div_(math.sqrt(2.0 * layer))
-            block.mlp[3].weight.div_(math.sqrt(2.0 * layer))
+        """The code's initialization (``ijepa_init_weights``) and a truncated-normal (std 0.02) mask token."""
+        ijepa_init_weights(self)
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def positions(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         """``N x predictor_dim`` fixed sin-cos embeddings of the ``rows x cols`` grid (cached per grid and device)."""
@@ -211,7 +221,8 @@ class IJEPA(SSLMethod):
     optimizer steps (``ema: [0.996, 1.0]``; ``linear_ema_tau``); 300 epochs, bf16. The backbone
     ``vit_b_16`` and the predictor (width 384, depth 6, the encoder's number of heads) are the defaults of
     the code's ``init_model`` (``model_name='vit_base'``, patch 16, ``pred_depth=6``, ``pred_emb_dim=384``);
-    the paper's ViT-H/14 recipe has a predictor of depth 12 (``configs/ijepa_imagenet.yaml``).
+    the paper's ViT-H/14 recipe has a predictor of depth 12 (``configs/ijepa_imagenet.yaml``). Encoder and
+    predictor start from the code's final initialization (``ijepa_init_weights``).
 
     Args (the shared ones are ``SSLMethod``'s):
         predictor_dim, predictor_depth: the predictor's width and number of blocks.
@@ -229,6 +240,8 @@ class IJEPA(SSLMethod):
         evaluate: the representation (kNN monitor, ``validate``, ``predict``, ``export``, ``load_encoder``):
             the mean of the ``"target"`` encoder's patch tokens (the paper's evaluation) or of the
             ``"context"`` encoder's.
+        ijepa_init: re-initialize the encoder as the code does (``ijepa_init_weights``; off: keep the
+            backbone's own initialization).
     """
 
     def __init__(
@@ -254,6 +267,7 @@ class IJEPA(SSLMethod):
         weight_decay_final: float = 0.4,
         warmup_epochs: float = 40,
         evaluate: str = "target",
+        ijepa_init: bool = True,
         **kwargs: Any,
     ):
         super().__init__(
@@ -300,6 +314,9 @@ class IJEPA(SSLMethod):
         self.weight_decay_range = (weight_decay, weight_decay_final)
         self.warmup_start_lr = warmup_start_lr
         self.evaluate = evaluate
+        self.ijepa_init = ijepa_init
+        if ijepa_init:
+            ijepa_init_weights(self.backbone)
         use_sincos_positions(self.backbone)
         heads = _encoder_heads(self.backbone) if predictor_heads is None else predictor_heads
         if heads < 1 or predictor_dim % heads:
@@ -370,8 +387,14 @@ class IJEPA(SSLMethod):
     def random_init_backbone(
         self, seed: int = 0, calibrate_on: Iterable | None = None, max_images: int | None = 5000
     ) -> nn.Module:
-        """``SSLMethod.random_init_backbone`` with the fixed sin-cos positions of this method's encoders."""
-        module = use_sincos_positions(super().random_init_backbone(seed))
+        """``SSLMethod.random_init_backbone`` initialized as this method's encoders (``ijepa_init``, from ``seed``)
+        with their fixed sin-cos positions."""
+        module = super().random_init_backbone(seed)
+        if self.ijepa_init:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                ijepa_init_weights(module)
+        use_sincos_positions(module)
         if calibrate_on is not None:
             encode = lambda x: self.representation(x, backbone=module)
             calibrate_norm_statistics(module, calibrate_on, encode, max_images, self.device)
