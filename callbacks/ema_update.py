@@ -7,7 +7,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from lightning_ssl.contracts import HasEMATargets, require
-from lightning_ssl.ema import cosine_tau, ema_update_
+from lightning_ssl.ema import EMA_SCHEDULES, cosine_tau, ema_update_, linear_ema_tau
 
 __all__ = ["EMAUpdate"]
 
@@ -19,20 +19,24 @@ class EMAUpdate(pl.Callback):
     ``tau`` follows BYOL's cosine from ``tau`` to ``tau_final`` over
     ``trainer.estimated_stepping_batches`` optimizer steps, evaluated at ``trainer.global_step``
     (the number of optimizer steps taken, after the step); ``tau == tau_final`` gives MoCo's
-    constant momentum. The update runs only when ``global_step`` advanced, so gradient-accumulation
+    constant momentum; ``schedule="linear"`` is I-JEPA's linear increase (``ema.linear_ema_tau``). The
+    update runs only when ``global_step`` advanced, so gradient-accumulation
     micro-batches do not count. Everything is derived from the trainer's step, which checkpoints
     restore, so a resumed run continues the exact schedule. Logs ``train/ema_tau``.
     """
 
-    def __init__(self, tau: float = 0.996, tau_final: float = 1.0):
+    def __init__(self, tau: float = 0.996, tau_final: float = 1.0, schedule: str = "cosine"):
         if not 0.0 <= tau <= tau_final <= 1.0:
             raise ValueError(f"need 0 <= tau <= tau_final <= 1, got {tau} and {tau_final}")
-        self.tau, self.tau_final = tau, tau_final
+        if schedule not in EMA_SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(EMA_SCHEDULES)}; got {schedule!r}")
+        self.tau, self.tau_final, self.schedule = tau, tau_final, schedule
         self._last_step: int | None = None
 
     def tau_at(self, step: int, total_steps: int) -> float:
         """tau after ``step`` of ``total_steps`` optimizer steps."""
-        return cosine_tau(step, total_steps, self.tau, self.tau_final)
+        schedule = linear_ema_tau if self.schedule == "linear" else cosine_tau
+        return schedule(step, total_steps, self.tau, self.tau_final)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         require(pl_module, HasEMATargets, "EMAUpdate", "a module with ema_pairs() returning (online, target) pairs")

@@ -15,13 +15,24 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["cosine_tau", "ema_update_", "ema_copy"]
+__all__ = ["cosine_tau", "linear_ema_tau", "ema_update_", "ema_copy", "EMA_SCHEDULES"]
+
+EMA_SCHEDULES = ("cosine", "linear")
 
 
 def cosine_tau(step: int, total_steps: int, tau_base: float, tau_final: float = 1.0) -> float:
     """BYOL's cosine increase of tau from ``tau_base`` (step 0) to ``tau_final`` (step ``total_steps``)."""
     progress = min(max(step, 0), total_steps) / max(1, total_steps)
     return tau_final - (tau_final - tau_base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+def linear_ema_tau(step: int, total_steps: int, tau_base: float, tau_final: float = 1.0) -> float:
+    """I-JEPA's momentum for the EMA update after optimizer step ``step`` (1-based: ``trainer.global_step``
+    after the step) of ``total_steps``: linear from ``tau_base`` at the first update, ``tau_base + (k - 1) *
+    (tau_final - tau_base) / total_steps`` at the k-th (the ``momentum_scheduler`` generator of I-JEPA's
+    src/train.py, which yields ``ema[0] + i * (ema[1] - ema[0]) / (ipe * epochs)`` for update ``i = 0, 1, ...``)."""
+    k = min(max(step - 1, 0), total_steps)
+    return tau_base + (tau_final - tau_base) * k / max(1, total_steps)
 
 
 @torch.no_grad()

