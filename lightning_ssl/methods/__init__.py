@@ -53,7 +53,10 @@ REGISTRY: dict[str, MethodEntry] = {
         **_VIT,
     ),
     "ijepa": MethodEntry(
-        IJEPA, small={"predictor_dim": 24, "predictor_depth": 1, "target_scale": (0.1, 0.15), "min_keep": 4}, **_VIT
+        IJEPA,
+        small={"predictor_dim": 24, "predictor_depth": 1, "target_scale": (0.1, 0.15), "min_keep": 4},
+        cifar={"predictor_dim": 96, "predictor_depth": 6, "min_keep": 4},
+        **_VIT,
     ),
 }
 
