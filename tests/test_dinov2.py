@@ -167,9 +167,9 @@ def test_stratified_masks_mask_exactly_half_at_increasing_ratios(monkeypatch):
     # the code's linspace(0.1, 0.5, n_masked + 1): one ratio slice per masked image, then a shuffle
     ranges, real = [], dinov2_module.block_masks
 
-    def recording(batch, grid, ratio_range, mask_probability, min_aspect):
+    def recording(batch, grid, ratio_range, mask_probability, min_aspect, generator=None):
         ranges.append((batch, ratio_range, mask_probability, min_aspect))
-        return real(batch, grid, ratio_range, mask_probability, min_aspect)
+        return real(batch, grid, ratio_range, mask_probability, min_aspect, generator=generator)
 
     monkeypatch.setattr(dinov2_module, "block_masks", recording)
     first_masked = set()
@@ -239,12 +239,13 @@ def test_koleo_enters_the_loss_with_its_weight():
     torch.manual_seed(5)
     with_koleo = make(koleo_weight=0.1, drop_path=0.0)
     without = make(koleo_weight=0.0, drop_path=0.0)
+    without.mask_sampler.seed = with_koleo.mask_sampler.seed  # the same masks in both steps
     torch.manual_seed(5)
     a = with_koleo.training_step((views, None), 0)
     torch.manual_seed(5)
     b = without.training_step((views, None), 0)
     torch.manual_seed(5)
-    masks = with_koleo.sample_masks(views[:2])  # the masks the two steps drew
+    masks = with_koleo.sample_masks(views[:2], batch_idx=0)  # the masks the two steps drew
     token = with_koleo.mask_token
     with torch.no_grad():
         cls = [encode_tokens(with_koleo.backbone, v, mask=m, mask_token=token).cls for v, m in zip(views[:2], masks)]
@@ -335,8 +336,7 @@ def test_ema_centering_updates_both_centers_over_the_teacher():
     model = make(centering="center")
     model.center.fill_(0.5)
     views = multi_crop()
-    torch.manual_seed(3)
-    masks = torch.cat(model.sample_masks(views[:2]))
+    masks = torch.cat(model.sample_masks(views[:2], batch_idx=0))  # the step's masks
     with torch.no_grad():
         tokens = encode_tokens(model.backbone_ema, torch.cat(views[:2]))
         cls = model.head_ema(tokens.cls)

@@ -10,6 +10,8 @@ from lightning_ssl.methods.byol import BYOL
 from lightning_ssl.methods.cpc import CPC, CPCv2
 from lightning_ssl.methods.cpc_audio import CPCAudio
 from lightning_ssl.methods.dino import DINO
+from lightning_ssl.methods.dinov2 import DINOv2
+from lightning_ssl.methods.ibot import IBOT
 from lightning_ssl.methods.ijepa import IJEPA
 from lightning_ssl.methods.mae import MAE
 from lightning_ssl.methods.moco import MoCo, MoCoV2
@@ -25,6 +27,7 @@ _HEAD = {"projection_dim": 16}
 _CPC_SMALL = {"patch_size": 4, "patch_stride": 2, "embedding_dim": 16, "context_hidden_dim": 16, "context_blocks": 2}
 _CPC_CIFAR = {"patch_size": 8, "patch_stride": 4, "grid_size": 7}
 _VIT = {"vit_only": True, "named_backbone": VIT_BACKBONE}
+_DINO_SMALL = {"out_dim": 16, "head_hidden_dim": 32, "head_bottleneck_dim": 8}
 _AUDIO = {"modality": "audio", "configs": ("librispeech", "synthetic"), "named_backbone": {"backbone": "cpc"}}
 
 REGISTRY: dict[str, MethodEntry] = {
@@ -44,7 +47,9 @@ REGISTRY: dict[str, MethodEntry] = {
     "swav": MethodEntry(
         SwAV, small={**_HEAD, "projection_hidden_dim": 32, "num_prototypes": 12, "freeze_prototypes_steps": 1}
     ),
-    "dino": MethodEntry(DINO, small={"out_dim": 16, "head_hidden_dim": 32, "head_bottleneck_dim": 8}),
+    "dino": MethodEntry(DINO, small=_DINO_SMALL),
+    "ibot": MethodEntry(IBOT, small=_DINO_SMALL, **_VIT),
+    "dinov2": MethodEntry(DINOv2, small=_DINO_SMALL, **_VIT),
     "mocov3": MethodEntry(MoCoV3, small={"projection_hidden_dim": 32, "projection_dim": 8}),
     "mae": MethodEntry(
         MAE,

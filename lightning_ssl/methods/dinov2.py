@@ -29,7 +29,7 @@ from lightning_ssl.heads import DINOHead
 from lightning_ssl.losses import dino_center
 from lightning_ssl.masking import block_masks
 from lightning_ssl.methods.ibot import IBOT, float32_loss, masked_patch_loss
-from lightning_ssl.vit import patch_grid, patch_projection
+from lightning_ssl.vit import patch_projection
 
 __all__ = [
     "DINOv2",
@@ -145,12 +145,13 @@ def stratified_block_masks(
     ratio_range: tuple[float, float] = (0.1, 0.5),
     mask_probability: float = 0.5,
     min_aspect: float = 0.3,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DINOv2's masks of a batch (``collate_data_and_cast``): exactly ``int(num_images * mask_probability)``
     images are masked, image ``i`` of them at a ratio uniform in the ``i``-th of as many equal slices of
     ``ratio_range`` (the code's ``linspace(*mask_ratio_tuple, n_samples_masked + 1)``), with BEiT's blocks
-    (``masking.block_masks``); then the images are shuffled. ``num_images x N`` bool on the CPU, from torch's
-    global generator."""
+    (``masking.block_masks``); then the images are shuffled. ``num_images x N`` bool on the CPU, from
+    ``generator`` (default: torch's global generator)."""
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if not 0.0 <= mask_probability <= 1.0:
@@ -161,8 +162,8 @@ def stratified_block_masks(
     masks = torch.zeros(num_images, rows * cols, dtype=torch.bool)
     for i in range(masked):
         a, b = low + (high - low) * i / masked, low + (high - low) * (i + 1) / masked
-        masks[i] = block_masks(1, grid, (a, b), 1.0, min_aspect)[0]
-    return masks[torch.randperm(num_images)]
+        masks[i] = block_masks(1, grid, (a, b), 1.0, min_aspect, generator=generator)[0]
+    return masks[torch.randperm(num_images, generator=generator)]
 
 
 def uniform_drop_path(backbone: nn.Module, rate: float) -> nn.Module:
@@ -352,17 +353,17 @@ class DINOv2(IBOT):
         return head.mlp, head.last_layer
 
     # ----------------------------------------------------------------- masks and schedules
-    def sample_masks(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``stratified_block_masks`` over the images of all global views together (the code collates the
-        global crops before masking), split back into one ``B x N`` CPU mask per view."""
-        b, _, h, w = views[0].shape
-        if any(v.shape != views[0].shape for v in views):
-            raise ValueError(f"the global views must share one shape, got {[tuple(v.shape) for v in views]}")
-        grid = patch_grid(self.backbone, h, w)
+    def draw_masks(
+        self, batch: int, grids: list[tuple[int, int]], generator: torch.Generator | None
+    ) -> list[torch.Tensor]:
+        """``stratified_block_masks`` over the ``batch x views`` images of all global views together (the code
+        collates the global crops before masking), split back into one ``batch x N`` CPU mask per view."""
+        if any(grid != grids[0] for grid in grids):
+            raise ValueError(f"the global views must share one shape, got patch grids {grids}")
         masks = stratified_block_masks(
-            b * len(views), grid, self.mask_ratio, self.mask_probability, self.mask_min_aspect
+            batch * len(grids), grids[0], self.mask_ratio, self.mask_probability, self.mask_min_aspect, generator
         )
-        return list(masks.split(b))
+        return list(masks.split(batch))
 
     def _warmup(self, epoch: float | None, start: float, end: float) -> float:
         """DINOv2's ``CosineScheduler`` warm-up of a constant: ``np.linspace(start, end, W)`` over the ``W``
@@ -410,7 +411,7 @@ class DINOv2(IBOT):
         views, _ = batch
         self.check_views(views)
         global_views, local_views = views[: self.global_crops], views[self.global_crops :]
-        masks, index, weights = self.mask_layout(self.sample_masks(global_views), global_views[0].device)
+        masks, index, weights = self.mask_layout(self.sample_masks(global_views, batch_idx), global_views[0].device)
         student = self.encode_global(self.backbone, global_views, masks)
         student_cls = self.apply_head(self.head, self.student_cls(student, local_views))
         student_patches = self.patch_network(teacher=False)(self.masked_tokens(student, index))

@@ -25,6 +25,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from lightning_ssl.ema import ema_copy
 from lightning_ssl.losses import dino_center, dino_loss, teacher_temperature
+from lightning_ssl.mask_sampling import MaskSampler
 from lightning_ssl.masking import block_masks
 from lightning_ssl.methods.dino import DINO
 from lightning_ssl.vit import Tokens, encode_tokens, is_vit, patch_grid, vit_width
@@ -320,6 +321,7 @@ class IBOT(DINO):
         self.patch_center_momentum = patch_center_momentum
         self.cls_loss_weight, self.patch_loss_weight = cls_loss_weight, patch_loss_weight
         self.mask_probability, self.mask_ratio, self.mask_min_aspect = mask_probability, (low, high), mask_min_aspect
+        self.mask_sampler = MaskSampler()
         self.shared_head = shared_head
         # iBOT's masked_embed: zeros, a 1 x D parameter (weight-decayed as the code's get_params_groups does)
         self.mask_token = nn.Parameter(torch.zeros(1, vit_width(self.backbone)))
@@ -402,14 +404,23 @@ class IBOT(DINO):
         return pairs
 
     # ----------------------------------------------------------------- masks and tokens
-    def sample_masks(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One ``B x N`` bool mask per global view, on the CPU (``masking.block_masks``, torch's global
-        generator): each image's crop is masked with probability ``mask_probability``."""
-        masks = []
-        for v in views:
-            grid = patch_grid(self.backbone, v.shape[-2], v.shape[-1])
-            masks.append(block_masks(v.shape[0], grid, self.mask_ratio, self.mask_probability, self.mask_min_aspect))
-        return masks
+    def sample_masks(self, views: list[torch.Tensor], batch_idx: int | None = None) -> list[torch.Tensor]:
+        """One ``B x N`` bool mask per global view, on the CPU (``masking.block_masks``): each image's crop is
+        masked with probability ``mask_probability``. With ``batch_idx`` (training), this process's rows of the
+        global batch's masks from the method's ``MaskSampler`` (the same on 1 or N processes and on resume);
+        without, from torch's global generator."""
+        grids = [patch_grid(self.backbone, v.shape[-2], v.shape[-1]) for v in views]
+        draw = lambda n, g: self.draw_masks(n, grids, g)  # noqa: E731
+        if batch_idx is None:
+            return draw(views[0].shape[0], None)
+        return self.mask_sampler.sample(draw, views[0].shape[0], self.current_epoch, batch_idx)
+
+    def draw_masks(
+        self, batch: int, grids: list[tuple[int, int]], generator: torch.Generator | None
+    ) -> list[torch.Tensor]:
+        """The masks of ``batch`` images, one ``batch x N`` tensor per global view of grid ``grids[i]``."""
+        ratio, p, aspect = self.mask_ratio, self.mask_probability, self.mask_min_aspect
+        return [block_masks(batch, grid, ratio, p, aspect, generator=generator) for grid in grids]
 
     @staticmethod
     def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -464,7 +475,7 @@ class IBOT(DINO):
         views, _ = batch
         self.check_views(views)
         global_views, local_views = views[: self.global_crops], views[self.global_crops :]
-        masks, index, weights = self.mask_layout(self.sample_masks(global_views), global_views[0].device)
+        masks, index, weights = self.mask_layout(self.sample_masks(global_views, batch_idx), global_views[0].device)
         student = self.encode_global(self.backbone, global_views, masks)
         student_cls = self.apply_head(self.head, self.student_cls(student, local_views))
         # the loss reads the student's patch logits at the masked patches only: the head runs on those
