@@ -382,13 +382,14 @@ def parse_args(argv=None):
         metavar="KEY=VALUE",
         help="an ablation: pass KEY=VALUE (a JSON value) to our method's constructor, e.g. bias_lr_scale=0.024",
     )
-    p.add_argument("--smoke", action="store_true", help="tiny sizes: 4 images per class, 1 epoch, batch 8")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: 4 images per class, 1 epoch, batch 16")
     p.add_argument("--worker", choices=["ours", "lightly"], help=argparse.SUPPRESS)
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     args = add_common_args(p).parse_args(argv)
     args.ours_set = dict(args.ours_set)
     if args.smoke:
-        args.per_class, args.test_per_class, args.epochs, args.batch_size = 4, 2, 1, 8
+        # batch 16: MoCo v2 simulates 8 devices (split_bn_groups=8), and batch norm needs 2 images per group
+        args.per_class, args.test_per_class, args.epochs, args.batch_size = 4, 2, 1, 16
     return args
 
 

@@ -36,6 +36,8 @@ from lightning_ssl.distributed import (
 )
 
 __all__ = [
+    "at_least_float32",
+    "float32_loss",
     "nt_xent",
     "moco_info_nce",
     "byol_loss",
@@ -56,16 +58,25 @@ __all__ = [
 NEGATIVES = ("batch", "same_sequence")
 
 
-def _float32(loss_fn):
-    """Run ``loss_fn`` with autocast disabled and its 16-bit tensor arguments cast to float32
-    (float32 and float64 inputs are left as they are)."""
+def at_least_float32(x):
+    """``x`` with every float16/bfloat16 tensor (also inside lists and tuples) cast to float32; float32 and
+    float64 tensors and other values as they are (so a float64 model stays float64)."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(at_least_float32(t) for t in x)
+    return x
+
+
+def float32_loss(loss_fn):
+    """Run ``loss_fn`` with autocast disabled and its 16-bit tensor arguments (also inside list and tuple
+    arguments, e.g. DINO's views) cast to float32 (``at_least_float32``), so that under
+    ``precision="bf16-mixed"`` softmaxes, logarithms and sums are not rounded to 16 bits."""
 
     @functools.wraps(loss_fn)
     def wrapper(*args, **kwargs):
-        low = (torch.float16, torch.bfloat16)
-        cast = lambda x: x.float() if isinstance(x, torch.Tensor) and x.dtype in low else x  # noqa: E731
-        args = [cast(a) for a in args]
-        kwargs = {k: cast(v) for k, v in kwargs.items()}
+        args = [at_least_float32(a) for a in args]
+        kwargs = {k: at_least_float32(v) for k, v in kwargs.items()}
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
         with torch.autocast(device_type=device, enabled=False):
             return loss_fn(*args, **kwargs)
@@ -73,7 +84,7 @@ def _float32(loss_fn):
     return wrapper
 
 
-@_float32
+@float32_loss
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:
     """NT-Xent over the 2N views: each view's positive is its pair, all other 2N-2 views are negatives.
 
@@ -106,7 +117,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather
     return F.cross_entropy(logits, pos_idx)
 
 
-@_float32
+@float32_loss
 def moco_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
     """InfoNCE of MoCo: positive q.k, negatives q.queue (the queue holds K normalized keys, ``K x D``).
 
@@ -121,7 +132,7 @@ def moco_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
     return F.cross_entropy(logits, labels)
 
 
-@_float32
+@float32_loss
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of ``2 - 2 cos(p, z)``; ``z`` (the target projection) gets no gradient."""
     return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()
@@ -233,7 +244,7 @@ def cpc_sequence_info_nce(
 
 
 @torch.no_grad()
-@_float32
+@float32_loss
 def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
     """SwAV's equipartitioned soft codes (Caron et al. 2020, sec. 3.1 and eq. 3; algorithm of the
     paper's code): ``Q = exp(scores / epsilon)`` normalized alternately so that each prototype receives
@@ -257,7 +268,7 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
     return (q * b).t()
 
 
-@_float32
+@float32_loss
 def swav_loss(scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor], temperature: float = 0.1) -> torch.Tensor:
     """SwAV's swapped prediction (Caron et al. 2020, eq. 1-2, with multi-crop, eq. 4): for each view
     ``i`` with codes ``codes[i]`` (the global views), the mean over the other views ``v`` of the cross
@@ -287,7 +298,7 @@ def teacher_temperature(epoch: int, start: float = 0.04, end: float = 0.07, warm
     return start + (end - start) * epoch / (warmup_epochs - 1)
 
 
-@_float32
+@float32_loss
 def dino_loss(
     student: Sequence[torch.Tensor],
     teacher: Sequence[torch.Tensor],
@@ -321,7 +332,7 @@ def dino_loss(
 
 
 @torch.no_grad()
-@_float32
+@float32_loss
 def dino_center(center: torch.Tensor, teacher: Sequence[torch.Tensor], momentum: float = 0.9) -> torch.Tensor:
     """DINO's center update (Caron et al. 2021, eq. 4): ``momentum * center + (1 - momentum) * mean`` of
     the teacher outputs of all global views over the *global* batch (sums all-reduced across processes).
@@ -339,7 +350,7 @@ def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
     return m.flatten()[:-1].view(d - 1, d + 1)[:, 1:]
 
 
-@_float32
+@float32_loss
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     """SimSiam's symmetric negative cosine (Chen & He 2021, eq. 1-4): ``D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2``
     with ``D(p, z) = -cos(p, z)`` averaged over the batch; ``z1``, ``z2`` get no gradient (stop-gradient).
@@ -351,7 +362,7 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
     return 0.5 * d12 + 0.5 * d21
 
 
-@_float32
+@float32_loss
 def barlow_twins_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -389,7 +400,7 @@ def barlow_twins_loss(
     return scale * (on_diag + lambd * off_diag)
 
 
-@_float32
+@float32_loss
 def vicreg_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -431,7 +442,7 @@ def vicreg_loss(
     return invariance * inv + variance * (v1 + v2) / 2 + covariance * (c1 + c2)
 
 
-@_float32
+@float32_loss
 def nnclr_loss(nn: torch.Tensor, p: torch.Tensor, temperature: float = 0.1, gather: bool = True) -> torch.Tensor:
     """NNCLR's loss (Dwibedi et al. 2021, eq. 2, with the prediction head of sec. 3.2): row i's positive is
     ``p_i``; the other predictions of the batch are its negatives.

@@ -73,7 +73,7 @@ def test_loss_matches_the_naive_loop_over_images_and_patches(norm_pix, size, p):
     mask = torch.rand(3, n, generator=g) < 0.6
     mask[:, 0] = True  # every image has a removed patch
     loss = mae_loss(pred, imgs, mask, p, norm_pix_loss=norm_pix)
-    assert loss.dtype == torch.float32
+    assert loss.dtype == torch.float64  # float64 stays float64; 16-bit inputs become float32
     assert loss.item() == pytest.approx(naive_loss(pred, imgs, mask, p, norm_pix), rel=1e-5)
 
 

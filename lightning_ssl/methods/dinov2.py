@@ -26,9 +26,9 @@ from torchvision.ops import StochasticDepth
 from lightning_ssl.backbones import PooledBackbone, vit_depth
 from lightning_ssl.distributed import all_reduce_sum, gather_no_grad
 from lightning_ssl.heads import DINOHead
-from lightning_ssl.losses import dino_center
+from lightning_ssl.losses import at_least_float32, dino_center, float32_loss
 from lightning_ssl.masking import block_masks
-from lightning_ssl.methods.ibot import IBOT, float32_loss, masked_patch_loss
+from lightning_ssl.methods.ibot import IBOT, masked_patch_loss
 from lightning_ssl.vit import patch_projection
 
 __all__ = [
@@ -417,8 +417,8 @@ class DINOv2(IBOT):
         student_patches = self.patch_network(teacher=False)(self.masked_tokens(student, index))
         with torch.no_grad():  # the teacher's heads on its class tokens and on the masked patches only
             teacher = self.encode_global(self.backbone_ema, global_views)
-            teacher_cls = [c.float() for c in self.apply_head(self.head_ema, [t.cls for t in teacher])]
-            teacher_patches = self.patch_network(teacher=True)(self.masked_tokens(teacher, index)).float()
+            teacher_cls = at_least_float32(self.apply_head(self.head_ema, [t.cls for t in teacher]))
+            teacher_patches = at_least_float32(self.patch_network(teacher=True)(self.masked_tokens(teacher, index)))
             temperature, patch_temperature = self.teacher_temperature(), self.teacher_patch_temperature()
             cls_targets, patch_targets = self.teacher_targets(
                 teacher_cls, teacher_patches, temperature, patch_temperature

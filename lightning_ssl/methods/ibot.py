@@ -15,7 +15,6 @@ student's patch distribution must match the teacher's centered, sharpened one.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -24,40 +23,13 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from lightning_ssl.ema import ema_copy
-from lightning_ssl.losses import dino_center, dino_loss, teacher_temperature
+from lightning_ssl.losses import at_least_float32, dino_center, dino_loss, float32_loss, teacher_temperature
 from lightning_ssl.mask_sampling import MaskSampler
 from lightning_ssl.masking import block_masks
 from lightning_ssl.methods.dino import DINO
 from lightning_ssl.vit import Tokens, encode_tokens, is_vit, patch_grid, vit_width
 
-__all__ = ["IBOT", "ibot_patch_loss", "masked_patch_loss", "masked_patch_weights", "float32_loss"]
-
-
-def float32_loss(loss_fn: Callable) -> Callable:
-    """Run ``loss_fn`` with autocast disabled and its float16/bfloat16 tensor arguments cast to float32,
-    tensors inside list and tuple arguments too (float32 and float64 are left as they are), so that under
-    ``precision="bf16-mixed"`` the softmax, the logarithms and the sums are not rounded to 16 bits;
-    gradients flow back through the casts."""
-
-    @functools.wraps(loss_fn)
-    def wrapper(*args, **kwargs):
-        low = (torch.float16, torch.bfloat16)
-
-        def cast(x):
-            if isinstance(x, torch.Tensor) and x.dtype in low:
-                return x.float()
-            if isinstance(x, (list, tuple)):
-                return type(x)(cast(t) for t in x)
-            return x
-
-        args = [cast(a) for a in args]
-        kwargs = {k: cast(v) for k, v in kwargs.items()}
-        tensors = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else [a])]
-        device = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), "cpu")
-        with torch.autocast(device_type=device, enabled=False):
-            return loss_fn(*args, **kwargs)
-
-    return wrapper
+__all__ = ["IBOT", "ibot_patch_loss", "masked_patch_loss", "masked_patch_weights"]
 
 
 @float32_loss
@@ -485,13 +457,13 @@ class IBOT(DINO):
             teacher_cls = self.apply_head(self.head_ema, [t.cls for t in teacher])
             mlp, last = self.patch_parts(teacher=True)
             bottleneck = F.normalize(mlp(torch.cat([t.patches for t in teacher]).flatten(0, 1)), dim=-1)
-            teacher_patches = last(bottleneck.index_select(0, index)).float()
+            teacher_patches = at_least_float32(last(bottleneck.index_select(0, index)))
             with torch.autocast(device_type=bottleneck.device.type, enabled=False):
                 # iBOT's center2 averages the logits of every teacher patch: the last layer is linear and
                 # bias-free, so that is the last layer of the average bottleneck
-                patch_mean = last(bottleneck.float().mean(dim=0, keepdim=True))
+                patch_mean = last(bottleneck.to(last.weight.dtype).mean(dim=0, keepdim=True))
         # float32 from here (bf16-mixed): dino_loss and dino_center cast tensor arguments, not lists of them
-        student_cls, teacher_cls = [s.float() for s in student_cls], [t.float() for t in teacher_cls]
+        student_cls, teacher_cls = at_least_float32(student_cls), at_least_float32(teacher_cls)
         temperature, patch_temperature = self.teacher_temperature(), self.teacher_patch_temperature()
         cls_loss = dino_loss(student_cls, teacher_cls, self.center, self.student_temperature, temperature)
         patch_targets = F.softmax((teacher_patches - self.patch_center) / patch_temperature, dim=-1)

@@ -16,6 +16,7 @@ from torchvision.models.vision_transformer import EncoderBlock
 from lightning_ssl.backbones import PooledBackbone, vit_depth, vit_parameter_groups
 from lightning_ssl.callbacks import EMAUpdate
 from lightning_ssl.ema import cosine_tau, ema_copy
+from lightning_ssl.losses import at_least_float32
 from lightning_ssl.mask_sampling import MaskSampler
 from lightning_ssl.masking import MultiBlockMasks, gather_tokens, multi_block_masks
 from lightning_ssl.methods.base import SSLMethod
@@ -31,7 +32,7 @@ def ijepa_targets(patches: torch.Tensor, targets: Sequence[torch.Tensor]) -> tor
     without affine parameters (src/train.py: ``h = F.layer_norm(h, (h.size(-1),))``, in float32), then the
     tokens of each of the M ``B x Kt`` target blocks, stacked block-major: ``(M * B) x Kt x D``, row
     ``m * B + b`` holding block ``m`` of image ``b`` (the code's ``apply_masks``)."""
-    h = F.layer_norm(patches.float(), (patches.shape[-1],))
+    h = F.layer_norm(at_least_float32(patches), (patches.shape[-1],))
     return torch.cat([gather_tokens(h, t.to(h.device, non_blocking=True)) for t in targets], dim=0)
 
 
@@ -44,7 +45,7 @@ def ijepa_loss(predictions: torch.Tensor, targets: torch.Tensor, loss: str = "l2
         raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
     if predictions.shape != targets.shape:
         raise ValueError(f"predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} differ in shape")
-    p, t = predictions.float(), targets.float()
+    p, t = at_least_float32(predictions), at_least_float32(targets)
     if loss == "l2":
         return (p - t).pow(2).mean()
     return F.smooth_l1_loss(p, t)

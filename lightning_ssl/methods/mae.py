@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from lightning_ssl.backbones import PooledBackbone, vit_parameter_groups
+from lightning_ssl.losses import at_least_float32
 from lightning_ssl.mask_sampling import MaskSampler
 from lightning_ssl.masking import RandomMask, random_masking, restore_tokens
 from lightning_ssl.methods.base import SSLMethod
@@ -55,7 +56,7 @@ def mae_patch_errors(
     """``B x N``: the mean squared error of each patch's prediction (``pred``, ``B x N x (p * p * C)`` in
     ``vit.patchify``'s pixel order) against the pixels of ``images`` (``B x C x H x W``), per-patch
     normalized when ``norm_pix_loss``; in float32."""
-    target = patchify(images.float(), patch_size)
+    target = patchify(at_least_float32(images), patch_size)
     if tuple(pred.shape) != tuple(target.shape):
         raise ValueError(
             f"pred must be B x N x (p * p * C) = {tuple(target.shape)} for images of shape {tuple(images.shape)} "
@@ -63,7 +64,7 @@ def mae_patch_errors(
         )
     if norm_pix_loss:
         target = norm_pix_target(target, eps)
-    return (pred.float() - target).pow(2).mean(dim=-1)
+    return (at_least_float32(pred) - target).pow(2).mean(dim=-1)
 
 
 def _masked_mean(errors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

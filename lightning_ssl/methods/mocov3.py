@@ -12,6 +12,7 @@ from lightning_ssl.callbacks import EMAUpdate
 from lightning_ssl.distributed import gather_no_grad, rank
 from lightning_ssl.ema import ema_copy
 from lightning_ssl.heads import mlp
+from lightning_ssl.losses import at_least_float32
 from lightning_ssl.methods.base import SSLMethod
 from lightning_ssl.optim import split_weight_decay
 
@@ -46,11 +47,6 @@ RESNET_DEFAULTS = {
 OPTIMIZER_DEFAULTS = {"adamw": (1.5e-4, 0.1), "lars": (0.6, 1e-6)}
 
 
-def _float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    low = (torch.float16, torch.bfloat16)
-    return [t.float() if t.dtype in low else t for t in tensors]
-
-
 def mocov3_contrastive_loss(
     q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, gather: bool = True
 ) -> torch.Tensor:
@@ -64,7 +60,7 @@ def mocov3_contrastive_loss(
         raise ValueError(f"q and k must both be N x D, got {tuple(q.shape)} and {tuple(k.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    q, k = _float32(q, k.detach())
+    q, k = at_least_float32([q, k.detach()])
     with torch.autocast(device_type=q.device.type, enabled=False):
         q = F.normalize(q, dim=1)
         k = F.normalize(k, dim=1)
