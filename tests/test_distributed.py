@@ -155,6 +155,13 @@ def _collectives_worker(rank: int, world: int) -> dict:
     return out
 
 
+# terms a method computes per process by design, so that 2 x B is not 1 x 2B
+_PER_PROCESS = {
+    "dinov2": "its KoLeo regularizer is over each process's batch, as DINOv2's code (its Sinkhorn-Knopp "
+    "centering over two processes: tests/test_dinov2.py)"
+}
+
+
 @pytest.fixture(scope="module")
 def collectives() -> list[dict]:
     return run_distributed(_collectives_worker, WORLD)
@@ -165,6 +172,8 @@ def test_two_processes_equal_one_process_with_the_global_batch(collectives, name
     """Loss and DDP-averaged gradients of 2 processes x B equal 1 process x 2B, for every registered
     method (negatives, queues and statistics gathered across processes, positives at the right global
     index on rank 1)."""
+    if name in _PER_PROCESS:
+        pytest.skip(f"{name}: {_PER_PROCESS[name]}")
     torch.manual_seed(0)
     model = _registered(name).double().eval()
     x1, x2 = (v.double() for v in _method_views(name, 1, WORLD * B))
