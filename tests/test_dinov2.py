@@ -372,7 +372,7 @@ def test_defaults_rebuild_and_the_reference_lr():
         assert head["lr"] == pytest.approx(0.004 * math.sqrt(batch / 1024))
 
 
-@pytest.mark.parametrize("shared_head", [True, False])
+@pytest.mark.parametrize("shared_head", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_bf16_mixed_step_is_finite_in_float32(shared_head):
     for model in (make(shared_head=shared_head), ibot_module.IBOT(tiny_vit(), **HEAD, shared_head=shared_head)):
         model.log = lambda *a, **k: None

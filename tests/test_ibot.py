@@ -344,7 +344,7 @@ def test_mask_token_is_weight_decayed_like_the_codes_2d_parameters():
 
 
 # ----------------------------------------------------------------------------- fit
-@pytest.mark.parametrize("shared_head", [True, False])
+@pytest.mark.parametrize("shared_head", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_fit_a_few_steps_on_multi_crop_batches(tmp_path, shared_head):
     model, rec = make(shared_head=shared_head, patch_out_dim=None if shared_head else 12, ema_tau=0.9), LossRecorder()
     teacher_before = [p.detach().clone() for p in model.backbone_ema.parameters()]

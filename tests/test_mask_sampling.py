@@ -82,6 +82,7 @@ def _worker(rank: int, world: int) -> dict:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # the default suite checks the same through MAE, iBOT and I-JEPA (tests/test_distributed.py)
 def test_two_processes_get_their_rows_of_the_one_process_masks():
     out = run_distributed(_worker, 2)
     assert out[0]["before"] != out[1]["before"]  # the broadcast is what makes them agree

@@ -221,6 +221,7 @@ def test_timm_export_stops_on_a_position_embedding_outside_the_state_dict(tmp_pa
 
 
 # ----------------------------------------------------------------------------- torchvision ViT export
+@pytest.mark.slow  # writes two ViT-B/16 files (~350 MB); the contract tests export ViT-Ti in the default run
 def test_torchvision_vit_export_has_torchvision_keys_with_a_fixed_position_embedding(tmp_path):
     """A method may replace the position embedding by a fixed table (a buffer) and freeze the patch
     projection (MAE, MoCo v3): the export still has exactly torchvision's vit_b_16 keys and shapes."""
