@@ -45,8 +45,8 @@ class MultiViewDataset(Dataset):
     alone: not on the worker, the number of workers, or an interruption."""
 
     def __init__(self, dataset: Dataset, transforms: Sequence[Callable]):
-        if len(transforms) < 2:
-            raise ValueError("a multi-view dataset needs at least two view transforms")
+        if len(transforms) < 1:  # one view: MAE, I-JEPA
+            raise ValueError("a multi-view dataset needs at least one view transform")
         self.dataset, self.transforms = dataset, list(transforms)
 
     def __len__(self) -> int:
