@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_ssl import vit
 from lightning_ssl.backbones import vit_depth
 from lightning_ssl.callbacks import EMAUpdate
 from lightning_ssl.distributed import gather_no_grad, rank
@@ -15,6 +14,8 @@ from lightning_ssl.heads import mlp
 from lightning_ssl.losses import at_least_float32
 from lightning_ssl.methods.base import SSLMethod
 from lightning_ssl.optim import split_weight_decay
+from lightning_ssl.vit import freeze_patch_projection as freeze_random_projection
+from lightning_ssl.vit import is_vit, use_sincos_positions
 
 __all__ = ["MoCoV3", "mocov3_contrastive_loss", "mocov3_loss", "VIT_DEFAULTS", "RESNET_DEFAULTS", "OPTIMIZER_DEFAULTS"]
 
@@ -183,7 +184,7 @@ class MoCoV3(SSLMethod):
             view_batching=view_batching,
             **kwargs,
         )
-        self.vit_backbone = vit.is_vit(self.backbone)
+        self.vit_backbone = is_vit(self.backbone)
         defaults = VIT_DEFAULTS if self.vit_backbone else RESNET_DEFAULTS
         pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
         optimizer = pick(optimizer, "optimizer")
@@ -265,9 +266,9 @@ class MoCoV3(SSLMethod):
     def prepare_backbone(self, module: nn.Module) -> nn.Module:
         """The ViT recipe's frozen random patch projection and fixed sin-cos positions (when on), in place."""
         if self.freeze_patch_projection:
-            vit.freeze_patch_projection(module)
+            freeze_random_projection(module)
         if self.sincos_positions:
-            vit.use_sincos_positions(module)
+            use_sincos_positions(module)
         return module
 
     # ------------------------------------------------------------------ training
