@@ -35,6 +35,7 @@ __all__ = [
     "Tokens",
     "encode_tokens",
     "is_vit",
+    "require_vit",
     "vit_patch_size",
     "vit_width",
     "patch_grid",
@@ -75,18 +76,21 @@ def is_vit(backbone: nn.Module) -> bool:
     return isinstance(inner, torchvision.models.VisionTransformer) or _is_timm_vit(inner)
 
 
-def _require_vit(backbone: nn.Module, user: str = "this method") -> nn.Module:
+def require_vit(backbone: nn.Module, user: str = "this method") -> nn.Module:
+    """The torchvision or timm ViT inside ``backbone``; a ValueError naming ``user`` and the ViTs to use if there
+    is none."""
     if not is_vit(backbone):
         raise ValueError(
-            f"{user} needs a ViT backbone (a torchvision ViT such as 'vit_s_16' or 'vit_b_16', or "
-            f"'timm:vit_small_patch16_224'), got {type(_inner(backbone)).__name__}"
+            f"{user} needs a ViT backbone (a torchvision ViT such as 'vit_s_16' or 'vit_b_16', 'vit_ti_16' with "
+            "small_image=True for 32x32 images, or 'timm:vit_small_patch16_224'), "
+            f"got {type(_inner(backbone)).__name__}"
         )
     return _inner(backbone)
 
 
 def patch_projection(backbone: nn.Module) -> nn.Conv2d:
     """The convolution that embeds the patches."""
-    inner = _require_vit(backbone)
+    inner = require_vit(backbone)
     return inner.conv_proj if isinstance(inner, torchvision.models.VisionTransformer) else inner.patch_embed.proj
 
 
@@ -154,7 +158,7 @@ def encode_tokens(
         mask: ``B x N`` bool, True where a patch's embedding is replaced by ``mask_token`` (a ``D`` tensor)
             before its position embedding is added; every token is processed.
     """
-    vit = _require_vit(backbone)
+    vit = require_vit(backbone)
     n = images.shape[0]
     if mask is not None:
         if mask_token is None:
@@ -233,7 +237,7 @@ def use_sincos_positions(backbone: nn.Module) -> nn.Module:
     """Replace a ViT's learned position embeddings by ``sincos_2d`` of its grid (zeros at the class token) and
     freeze them, in place (MAE, MoCo v3, I-JEPA). The parameter keeps its name and shape, so exported state
     dicts load into the plain model."""
-    vit = _require_vit(backbone)
+    vit = require_vit(backbone)
     if isinstance(vit, torchvision.models.VisionTransformer):
         pos, prefix = vit.encoder.pos_embedding, 1
     else:

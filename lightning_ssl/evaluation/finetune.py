@@ -27,6 +27,7 @@ from lightning_ssl.evaluation.export import POOLS, encoder_pool, pooled_encoder
 from lightning_ssl.evaluation.linear import LinearEvaluation, images_and_targets
 from lightning_ssl.evaluation.mixup import Mixup
 from lightning_ssl.optim import GROUP_KEYS, lr_lambda, scaled_lr
+from lightning_ssl.vit import vit_width
 
 __all__ = ["FineTuning", "ViTFineTuning", "labeled_fraction_subset"]
 
@@ -78,13 +79,6 @@ def _require_vit(encoder: nn.Module) -> None:
             f"ViTFineTuning fine-tunes a ViT (a torchvision VisionTransformer or a timm ViT, 'timm:<name>'), but "
             f"the encoder is a {type(_vit_inner(encoder)).__name__}: use FineTuning for other encoders"
         )
-
-
-def _vit_width(encoder: nn.Module) -> int:
-    inner = _vit_inner(encoder)
-    if isinstance(inner, torchvision.models.VisionTransformer):
-        return int(inner.hidden_dim)
-    return int(inner.num_features)
 
 
 def _drop_final_norm(encoder: nn.Module) -> None:
@@ -176,7 +170,7 @@ class ViTFineTuning(LinearEvaluation):
         if isinstance(encoder, nn.Module):
             _require_vit(encoder)
             encoder = pooled_encoder(encoder, pool or encoder_pool(encoder))
-            feature_dim = feature_dim or _vit_width(encoder)
+            feature_dim = feature_dim or vit_width(encoder)
         super().__init__(encoder, num_classes, arch=arch, feature_dim=feature_dim, pool=pool)
         _require_vit(self.encoder)
         self.mixup = mixup

@@ -27,7 +27,7 @@ from lightning_ssl.losses import at_least_float32, dino_center, dino_loss, float
 from lightning_ssl.mask_sampling import MaskSampler
 from lightning_ssl.masking import block_masks
 from lightning_ssl.methods.dino import DINO
-from lightning_ssl.vit import Tokens, encode_tokens, is_vit, patch_grid, vit_width
+from lightning_ssl.vit import Tokens, encode_tokens, patch_grid, require_vit, vit_width
 
 __all__ = ["IBOT", "ibot_patch_loss", "masked_patch_loss", "masked_patch_weights"]
 
@@ -283,12 +283,7 @@ class IBOT(DINO):
             evaluate=evaluate,
             **kwargs,
         )
-        if not is_vit(self.backbone):
-            inner = getattr(self.backbone, "module", self.backbone)
-            raise ValueError(
-                f"{type(self).__name__} masks patch tokens: it needs a ViT backbone (e.g. 'vit_s_16', 'vit_b_16' "
-                f"or 'timm:vit_small_patch16_224'), got {type(inner).__name__}"
-            )
+        require_vit(self.backbone, type(self).__name__)
         self.teacher_patch_temperature_range = (warmup_teacher_patch_temperature, teacher_patch_temperature)
         self.patch_center_momentum = patch_center_momentum
         self.cls_loss_weight, self.patch_loss_weight = cls_loss_weight, patch_loss_weight

@@ -20,7 +20,7 @@ from lightning_ssl.losses import at_least_float32
 from lightning_ssl.mask_sampling import MaskSampler
 from lightning_ssl.masking import MultiBlockMasks, gather_tokens, multi_block_masks
 from lightning_ssl.methods.base import SSLMethod
-from lightning_ssl.vit import encode_tokens, is_vit, patch_grid, sincos_2d, use_sincos_positions, vit_width
+from lightning_ssl.vit import encode_tokens, patch_grid, require_vit, sincos_2d, use_sincos_positions, vit_width
 
 __all__ = ["IJEPA", "IJEPAPredictor", "ijepa_loss", "ijepa_targets", "ijepa_init_weights", "LOSSES"]
 
@@ -270,13 +270,7 @@ class IJEPA(SSLMethod):
             warmup_epochs=warmup_epochs,
             **kwargs,
         )
-        if not is_vit(self.backbone):
-            inner = self.backbone.module if isinstance(self.backbone, PooledBackbone) else self.backbone
-            raise ValueError(
-                "I-JEPA needs a ViT backbone (its context encoder sees only the context patches): a torchvision "
-                f"ViT such as 'vit_s_16' or 'vit_b_16' (or 'vit_ti_16' with small_image=True for 32x32 images), or "
-                f"'timm:vit_small_patch16_224'; got {type(inner).__name__}"
-            )
+        require_vit(self.backbone, "I-JEPA")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
         if not 0.0 <= ema_tau <= ema_tau_final <= 1.0:

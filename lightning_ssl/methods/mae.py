@@ -23,10 +23,10 @@ from lightning_ssl.methods.base import SSLMethod
 from lightning_ssl.vit import (
     Tokens,
     encode_tokens,
-    is_vit,
     patch_grid,
     patch_projection,
     patchify,
+    require_vit,
     sincos_2d,
     unpatchify,
     use_sincos_positions,
@@ -276,13 +276,7 @@ class MAE(SSLMethod):
             warmup_epochs=warmup_epochs,
             **kwargs,
         )
-        if not is_vit(self.backbone):
-            inner = self.backbone.module if isinstance(self.backbone, PooledBackbone) else self.backbone
-            raise ValueError(
-                "MAE needs a ViT backbone: a name such as 'vit_b_16' or 'vit_s_16' (or 'vit_ti_16' with "
-                "small_image=True for 32x32 images), a torchvision VisionTransformer module or a timm ViT "
-                f"('timm:vit_small_patch16_224'); got {type(inner).__name__}"
-            )
+        require_vit(self.backbone, "MAE")
         if isinstance(mask_ratio, bool) or not 0.0 < mask_ratio < 1.0:
             raise ValueError(
                 f"mask_ratio must lie in (0, 1), the fraction of patches removed (where the loss is), got {mask_ratio}"
