@@ -2,7 +2,7 @@
 
 iBOT's two self-distillation losses with untied heads, Sinkhorn-Knopp centering of the teacher and the
 KoLeo regularizer, with DINOv2's schedules (``dinov2/train/ssl_meta_arch.py``, ``dinov2/loss/`` and
-``dinov2/configs/ssl_default_config.yaml`` of the paper's code):
+``ssl_default_config.yaml`` of the paper's code):
 
 - ``sinkhorn_knopp_teacher``: the teacher's targets by 3 Sinkhorn-Knopp iterations over the global batch
   (``DINOLoss.sinkhorn_knopp_teacher``, and ``iBOTPatchLoss.sinkhorn_knopp_teacher`` for the masked patches,
@@ -186,7 +186,7 @@ def uniform_drop_path(backbone: nn.Module, rate: float) -> nn.Module:
 
 class DINOv2(IBOT):
     """DINOv2-style pretraining (Oquab et al. 2023, sec. 4 and appendix; the paper's code
-    ``dinov2/train/ssl_meta_arch.py``, ``dinov2/loss/`` and ``dinov2/configs/ssl_default_config.yaml``): iBOT
+    ``dinov2/train/ssl_meta_arch.py``, ``dinov2/loss/`` and ``ssl_default_config.yaml``): iBOT
     (``IBOT``) with DINOv2's changes.
 
     Included: DINO's class-token loss over multi-crop (``dino_targets_loss``; every student crop against the

@@ -204,7 +204,7 @@ class IJEPA(SSLMethod):
     Only the first view of a batch is used (the ``ijepa`` augmentation: crop 0.3-1, no flip; further views
     the datamodule makes are ignored).
 
-    Defaults: ``configs/in1k_vith14_ep300.yaml`` of the paper's code unless said: AdamW; lr 0.001 at the
+    Defaults: ``in1k_vith14_ep300.yaml`` of the paper's code unless said: AdamW; lr 0.001 at the
     global batch 2048, i.e. ``base_lr`` 1.25e-4 for 256 under the linear scaling rule, reached from
     ``start_lr`` 0.0002 (``warmup_start_lr`` 2.5e-5 here) after 40 linear warmup epochs, then a cosine to
     ``final_lr`` 1e-6 (1.25e-7 here); weight decay 0.04 -> 0.4 on a cosine over all steps (weights only:
