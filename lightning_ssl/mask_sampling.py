@@ -42,22 +42,22 @@ def mask_generator(seed: int, epoch: int, batch_idx: int) -> torch.Generator:
     return torch.Generator().manual_seed(value & (2**63 - 1))
 
 
-def take_rows(masks: T, start: int, stop: int) -> T:
-    """Rows ``start:stop`` of every batch-first tensor in ``masks``: a tensor, a list/tuple of them, or a
+def take_rows(masks: T, rows: slice) -> T:
+    """Rows ``rows`` of every batch-first tensor in ``masks``: a tensor, a list/tuple of them, or a
     dataclass whose fields are such (other fields, e.g. shapes drawn once per batch, are kept)."""
     if isinstance(masks, torch.Tensor):
-        return masks[start:stop]
+        return masks[rows]
     if isinstance(masks, (list, tuple)) and not hasattr(masks, "_fields"):
-        return type(masks)(take_rows(m, start, stop) for m in masks)
+        return type(masks)(take_rows(m, rows) for m in masks)
     if dataclasses.is_dataclass(masks) and not isinstance(masks, type):
         changes = {
-            f.name: take_rows(getattr(masks, f.name), start, stop)
+            f.name: take_rows(getattr(masks, f.name), rows)
             for f in dataclasses.fields(masks)
             if isinstance(getattr(masks, f.name), (torch.Tensor, list, tuple))
         }
         return dataclasses.replace(masks, **changes)
     if hasattr(masks, "_fields"):  # a NamedTuple
-        return type(masks)(*(take_rows(v, start, stop) for v in masks))
+        return type(masks)(*(take_rows(v, rows) for v in masks))
     return masks
 
 
@@ -67,13 +67,13 @@ def sample_masks(
     """This process's rows of ``draw(local_batch * world_size, generator)``, the masks of the global batch.
 
     ``draw(n, generator)`` makes the masks of ``n`` images (e.g.
-    ``lambda n, g: masking.random_masking(n, 196, 0.75, generator=g)``); process ``r`` gets images
-    ``r * local_batch`` to ``(r + 1) * local_batch``, the rows of its share of the global batch under
-    Lightning's ``DistributedSampler`` layout of one process holding the whole batch.
+    ``lambda n, g: masking.random_masking(n, 196, 0.75, generator=g)``); process ``r`` gets rows
+    ``r, r + world, r + 2 * world, ...``: ``DistributedSampler`` deals the shuffled samples out in turn, so
+    row ``j`` of process ``r``'s batch is row ``j * world + r`` of the batch one process would hold.
     """
     world, r = world_size(), rank()
     masks = draw(local_batch * world, mask_generator(seed, epoch, batch_idx))
-    return masks if world == 1 else take_rows(masks, r * local_batch, (r + 1) * local_batch)
+    return masks if world == 1 else take_rows(masks, slice(r, None, world))
 
 
 class MaskSampler(nn.Module):

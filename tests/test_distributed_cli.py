@@ -11,8 +11,12 @@ index (``datamodules/resumable.py``), the global batch of a step is the same set
 ``--trainer.sync_batchnorm true`` normalizes over the global batch (``GlobalBatchNorm`` on the CPU)
 and the runs are in float64 (``64-true``). Where a method draws randomness of its own per process,
 the comparison is left out and the test says why (``_NOT_EQUAL``); both ranks must still end with
-identical weights. MoCo runs with ``shuffle_bn: false`` here: shuffling BN normalizes per-process
-sub-batches by design, which one process only simulates with other sub-batches.
+identical weights. Stochastic depth (the ViT students of DINO, iBOT and DINOv2) drops blocks per
+sample from each process's generator, and DINOv2's KoLeo term is over each process's batch by design
+(as its code): the runs here set ``drop_path: 0`` and ``koleo_weight: 0`` (``_PER_PROCESS_TERMS``), so
+that what is compared is the rest, masks included. MoCo runs with ``shuffle_bn: false`` here:
+shuffling BN normalizes per-process sub-batches by design, which one process only simulates with other
+sub-batches.
 
 The default suite runs SimCLR (gathered negatives, the quickstart's method) and BYOL (EMA target,
 batch-norm heads); the other methods are under ``-m slow``.
@@ -92,6 +96,7 @@ def _config(name: str, run: Path, data: dict[str, Path], batch: int) -> Path:
     trainer["callbacks"] = callbacks
     model = config["model"]["init_args"]
     model.update(entry.small)
+    model.update({k: v for k, v in _PER_PROCESS_TERMS.items() if k in model})
     if name in ("moco", "mocov2"):
         model.update(shuffle_bn=False, split_bn_groups=1)
     data_args = config["data"]["init_args"]
@@ -118,6 +123,10 @@ def _torchrun(config: Path, cwd: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += ["-m", "lightning_ssl", "fit", "--config", str(config)]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+# terms drawn or computed per process by design, switched off for the comparison (module docstring)
+_PER_PROCESS_TERMS = {"drop_path": 0.0, "koleo_weight": 0.0}
 
 
 # Queues of keys (MoCo, NNCLR's support set) hold the same entries as one process on the global batch,

@@ -11,6 +11,7 @@ import torch
 from dist_utils import run_distributed
 from torch import nn
 
+from datamodules.resumable import ResumableSampler
 from lightning_ssl.mask_sampling import MaskSampler, mask_generator, sample_masks, take_rows
 
 
@@ -31,10 +32,10 @@ def draw(n: int, g: torch.Generator) -> Drawn:
 
 def test_take_rows_slices_tensors_lists_and_dataclass_fields():
     masks = draw(6, torch.Generator().manual_seed(0))
-    part = take_rows(masks, 2, 4)
-    assert torch.equal(part.keep, masks.keep[2:4]) and part.shape == masks.shape
-    assert all(torch.equal(a, b[2:4]) for a, b in zip(part.targets, masks.targets))
-    assert torch.equal(take_rows(masks.keep, 1, 2), masks.keep[1:2])
+    part = take_rows(masks, slice(1, None, 2))
+    assert torch.equal(part.keep, masks.keep[1::2]) and part.shape == masks.shape
+    assert all(torch.equal(a, b[1::2]) for a, b in zip(part.targets, masks.targets))
+    assert torch.equal(take_rows(masks.keep, slice(1, 2)), masks.keep[1:2])
 
 
 def test_streams_differ_between_steps_and_epochs_and_repeat_for_the_same_step():
@@ -78,18 +79,32 @@ def _worker(rank: int, world: int) -> dict:
     sampler = MaskSampler()
     before = sampler.seed
     sampler.broadcast()
-    return {"before": before, "seed": sampler.seed, "masks": sampler.sample(draw, 3, 2, 5)}
+    # the samples of this process's third batch of epoch 2 under the library's sampler (3 per process)
+    loader_sampler = ResumableSampler(range(36), shuffle=True, seed=11)
+    loader_sampler.set_epoch(2)
+    samples = [index for index, _ in loader_sampler][5 * 3 : 6 * 3]
+    return {"before": before, "seed": sampler.seed, "masks": sampler.sample(draw, 3, 2, 5), "samples": samples}
+
+
+def _one_process_batch(seed: int, epoch: int, batch_idx: int, batch: int) -> list[int]:
+    one = ResumableSampler(range(36), shuffle=True, seed=seed)
+    one.set_epoch(epoch)
+    return [index for index, _ in one][batch_idx * batch : (batch_idx + 1) * batch]
 
 
 @pytest.mark.distributed
-@pytest.mark.slow  # the default suite checks the same through MAE, iBOT and I-JEPA (tests/test_distributed.py)
-def test_two_processes_get_their_rows_of_the_one_process_masks():
+def test_each_image_gets_the_mask_one_process_gives_it_on_two_processes():
+    """Under the library's sampler the two processes' batches interleave the one-process batch (rank r
+    holds rows r, r + 2, ...); each image's mask is the one it has in one process."""
     out = run_distributed(_worker, 2)
     assert out[0]["before"] != out[1]["before"]  # the broadcast is what makes them agree
     assert out[0]["seed"] == out[1]["seed"] == out[0]["before"]
     whole = sample_masks(draw, 6, out[0]["seed"], 2, 5)
+    one_process = _one_process_batch(11, 2, 5, 6)
+    assert sorted(out[0]["samples"] + out[1]["samples"]) == sorted(one_process)
     for r in range(2):
-        masks = out[r]["masks"]
-        assert torch.equal(masks.keep, whole.keep[3 * r : 3 * (r + 1)])
-        assert all(torch.equal(a, b[3 * r : 3 * (r + 1)]) for a, b in zip(masks.targets, whole.targets))
+        masks, rows = out[r]["masks"], [one_process.index(i) for i in out[r]["samples"]]
+        assert rows == list(range(r, 6, 2))
+        assert torch.equal(masks.keep, whole.keep[rows])
+        assert all(torch.equal(a, b[rows]) for a, b in zip(masks.targets, whole.targets))
         assert masks.shape == whole.shape
