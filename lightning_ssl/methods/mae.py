@@ -239,7 +239,7 @@ class MAE(SSLMethod):
       trained. No drop path, no gradient clipping (``main_pretrain.py`` uses neither).
 
     MAE trains on one view of each image (the paper's single random resized crop): the first of a
-    batch's views; the others, which the datamodules make (at least two), are not used. The
+    batch's views (the configs make one: ``global_crops: 1``); any others are not used. The
     representation (kNN, linear probe, export) is the mean of the encoder's patch tokens on the whole
     image, unmasked (``Tokens.mean_patches``; ``encoder_spec()["pool"] == "mean"``).
 
