@@ -1,12 +1,15 @@
 """Pretrain registered methods on (a subset of) the CIFAR-10 JPEG copy, then report weighted kNN
 top-1 on the test split (k = 200, T = 0.1; Wu et al. 2018) and, optionally, linear-evaluation
-top-1, next to the same backbone at random initialization (its batch-norm statistics recomputed on the
-training images, no weight changed: the honest baseline), with wall times.
+top-1 and (ViTs) end-to-end fine-tuning top-1 (``ViTFineTuning``, MAE's recipe), next to the same
+backbone at random initialization (its batch-norm statistics recomputed on the training images, no
+weight changed: the honest baseline), with wall times.
 
 The data is ``CIFAR10DataModule(in_memory=True, gpu_augment=True)``: the JPEGs decoded once into a
 uint8 tensor, views made per batch by the library's on-device augmentation (on the CPU here), from
-the recipe ``--augmentation``. kNN uses un-augmented training images as the memory bank and test
-images as queries (``lightning_ssl.evaluation.knn``).
+the recipe ``--augmentation``. Fine-tuning starts from the method's checkpoint through
+``ViTFineTuning(checkpoint)``, as a user would (so the evaluated encoder and its pooling are the
+checkpoint's), and from the random-init ViT with the same pooling. kNN uses un-augmented training
+images as the memory bank and test images as queries (``lightning_ssl.evaluation.knn``).
 
 Settings are the methods' paper defaults (and ``REGISTRY[name].cifar`` on 32x32 images) except what
 the budget changes: warmup (``--warmup-epochs``) and ``--method-args`` (default: MoCo's queue 4096
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +45,7 @@ from benchmarks.common import (
     write_json,
 )
 from lightning_ssl import REGISTRY
-from lightning_ssl.evaluation import LinearEvaluation, extract_features, knn_accuracy
+from lightning_ssl.evaluation import LinearEvaluation, ViTFineTuning, extract_features, knn_accuracy
 
 DEFAULT_METHOD_ARGS = [
     "moco:queue_size=4096,ema_tau=0.99",
@@ -101,6 +106,14 @@ def linear(model, dm, backbone: nn.Module | None, epochs: int, lr: float) -> flo
     return trainer.validate(probe, dm.labeled_dataloader("val"), verbose=False)[0]["val/top1"]
 
 
+def finetune(encoder, dm, args, pool: str | None = None) -> float:
+    """Top-1 after ``ViTFineTuning`` of ``encoder`` (a checkpoint path or a module) for ``--finetune-epochs``."""
+    model = ViTFineTuning(encoder, num_classes=10, pool=pool, warmup_epochs=args.finetune_warmup_epochs)
+    trainer = quiet_trainer(max_epochs=args.finetune_epochs)
+    trainer.fit(model, dm.labeled_dataloader("train", augment=True))
+    return trainer.validate(model, dm.labeled_dataloader("val"), verbose=False)[0]["val/top1"]
+
+
 def run_method(name: str, args, dm) -> dict:
     torch.manual_seed(args.seed)
     kwargs = dict(backbone=args.backbone, small_image=args.small_image, warmup_epochs=args.warmup_epochs)
@@ -117,6 +130,15 @@ def run_method(name: str, args, dm) -> dict:
     if args.linear_epochs:
         row["linear"] = linear(model, dm, None, args.linear_epochs, args.linear_lr)
         row["random_init_linear"] = linear(model, dm, random_backbone, args.linear_epochs, args.linear_lr)
+    if args.finetune_epochs:
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = f"{folder}/{name}.ckpt"
+            trainer.save_checkpoint(checkpoint)
+            start = time.perf_counter()
+            row["finetune"] = finetune(checkpoint, dm, args)
+            row["finetune_s"] = time.perf_counter() - start
+        pool = model.encoder_spec().get("pool", "cls")
+        row["random_init_finetune"] = finetune(copy.deepcopy(random_backbone), dm, args, pool=pool)
     return row
 
 
@@ -140,9 +162,13 @@ def parse_args(argv=None):
     p.add_argument("--method-args", nargs="*", default=DEFAULT_METHOD_ARGS, help="NAME:key=value,key=value ...")
     p.add_argument("--linear-epochs", type=int, default=0, help="linear evaluation epochs (0: kNN only)")
     p.add_argument("--linear-lr", type=float, default=0.5)
+    p.add_argument("--finetune-epochs", type=int, default=0, help="ViTFineTuning epochs (0: none; ViTs only)")
+    p.add_argument("--finetune-warmup-epochs", type=float, default=1.0, help="its warmup (MAE: 5 of 100)")
     p.add_argument("--root", type=Path, default=CIFAR_ROOT, help="folder holding train/ and test/ (JPEGs)")
     args = add_common_args(p).parse_args(argv)
     args.method_args = parse_method_args(args.method_args)
+    if args.finetune_epochs and not args.backbone.startswith("vit_"):
+        p.error(f"--finetune-epochs fine-tunes a ViT (ViTFineTuning); --backbone {args.backbone} is not one")
     return args
 
 
@@ -176,6 +202,8 @@ def main(argv=None) -> list[dict]:
     columns = [("method", "method", ""), ("knn", "kNN top-1", ".4f"), ("random_init_knn", "random init", ".4f")]
     if args.linear_epochs:
         columns += [("linear", "linear top-1", ".4f"), ("random_init_linear", "random init", ".4f")]
+    if args.finetune_epochs:
+        columns += [("finetune", "fine-tune top-1", ".4f"), ("random_init_finetune", "random init", ".4f")]
     columns += [("pretrain_s", "pretrain s", ".0f"), ("steps", "steps", "d")]
     print_table(rows, columns)
     print(f"# total wall time {time.perf_counter() - wall:.0f} s", flush=True)

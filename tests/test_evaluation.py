@@ -191,6 +191,29 @@ def test_finetuning_trains_the_encoder_and_fraction_subsets(tiny_backbone):
         labeled_fraction_subset(labels, 10)
 
 
+class _ModeSpy(pl.Callback):
+    """The number of the module's submodules in eval mode at each training step."""
+
+    def __init__(self):
+        self.eval_modules: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.eval_modules.append(sum(not m.training for m in pl_module.modules()))
+
+
+def test_finetuning_trains_an_encoder_passed_in_eval_mode_in_train_mode():
+    """An encoder left in eval mode (after feature extraction, say) is fine-tuned in train mode: batch norm
+    on batch statistics (its running statistics updated), not frozen at the pretraining ones."""
+    encoder, _ = build_backbone("resnet18", small_image=True)
+    encoder.eval()
+    bn = encoder.module.bn1
+    before = bn.running_mean.clone()
+    spy = _ModeSpy()
+    _trainer(1, callbacks=[spy]).fit(FineTuning(encoder, num_classes=NUM_CLASSES, lr=0.01), _linear_data())
+    assert spy.eval_modules and set(spy.eval_modules) == {0}
+    assert not torch.equal(bn.running_mean, before)
+
+
 def _randomize_bn(module: nn.Module) -> None:
     gen = torch.Generator().manual_seed(0)
     for m in module.modules():

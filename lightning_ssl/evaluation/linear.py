@@ -124,6 +124,8 @@ class LinearEvaluation(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.freeze_encoder:
             self._reference = snapshot(self.encoder)
+        else:  # fine-tuning trains the encoder as in training: an encoder passed in eval mode (after
+            self.train()  # feature extraction, say) would keep batch-norm statistics, dropout and drop path off
 
     def on_fit_end(self) -> None:
         self.verify_encoder_unchanged()
