@@ -142,7 +142,8 @@ class IBOT(DINO):
     ``update_center``) and temperatures. The representation is the teacher's class token (DINO's
     ``evaluate="teacher"``; the paper evaluates the teacher).
 
-    Defaults (ViT-B/16 recipe of the paper's appendix and README; DINO's where iBOT keeps them): head
+    Defaults (the paper's appendix, ``main_ibot.py``'s argparse and its README's run flags; DINO's where
+    iBOT keeps them): head
     ``[D, 2048, 2048, 256]`` -> 8192 outputs (``--out_dim 8192``), shared by the class and patch tokens
     (``--shared_head true`` of the released ViT-S/B runs; ``shared_head=False`` gives the patch tokens
     their own last layer on the shared MLP, ``iBOTHead.last_layer2`` with ``patch_out_dim`` outputs,
