@@ -11,7 +11,7 @@ import torch
 from dist_utils import run_distributed
 from torch import nn
 
-from datamodules.resumable import ResumableSampler
+from lightning_ssl.datamodules.resumable import ResumableSampler
 from lightning_ssl.mask_sampling import MaskSampler, mask_generator, sample_masks, take_rows
 
 
