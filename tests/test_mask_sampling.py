@@ -79,17 +79,15 @@ def _worker(rank: int, world: int) -> dict:
     sampler = MaskSampler()
     before = sampler.seed
     sampler.broadcast()
-    # the samples of this process's third batch of epoch 2 under the library's sampler (3 per process)
-    loader_sampler = ResumableSampler(range(36), shuffle=True, seed=11)
-    loader_sampler.set_epoch(2)
-    samples = [index for index, _ in loader_sampler][5 * 3 : 6 * 3]
+    samples = _sampler_batch(11, 2, 5, 3)  # this process's batch 5 of epoch 2, 3 images per process
     return {"before": before, "seed": sampler.seed, "masks": sampler.sample(draw, 3, 2, 5), "samples": samples}
 
 
-def _one_process_batch(seed: int, epoch: int, batch_idx: int, batch: int) -> list[int]:
-    one = ResumableSampler(range(36), shuffle=True, seed=seed)
-    one.set_epoch(epoch)
-    return [index for index, _ in one][batch_idx * batch : (batch_idx + 1) * batch]
+def _sampler_batch(seed: int, epoch: int, batch_idx: int, batch: int) -> list[int]:
+    """The dataset indices of batch ``batch_idx`` of ``epoch`` under the library's sampler, in this process."""
+    sampler = ResumableSampler(range(36), shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return [index for index, _ in sampler][batch_idx * batch : (batch_idx + 1) * batch]
 
 
 @pytest.mark.distributed
@@ -100,7 +98,7 @@ def test_each_image_gets_the_mask_one_process_gives_it_on_two_processes():
     assert out[0]["before"] != out[1]["before"]  # the broadcast is what makes them agree
     assert out[0]["seed"] == out[1]["seed"] == out[0]["before"]
     whole = sample_masks(draw, 6, out[0]["seed"], 2, 5)
-    one_process = _one_process_batch(11, 2, 5, 6)
+    one_process = _sampler_batch(11, 2, 5, 6)
     assert sorted(out[0]["samples"] + out[1]["samples"]) == sorted(one_process)
     for r in range(2):
         masks, rows = out[r]["masks"], [one_process.index(i) for i in out[r]["samples"]]

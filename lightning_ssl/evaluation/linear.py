@@ -124,8 +124,10 @@ class LinearEvaluation(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.freeze_encoder:
             self._reference = snapshot(self.encoder)
-        else:  # fine-tuning trains the encoder as in training: an encoder passed in eval mode (after
-            self.train()  # feature extraction, say) would keep batch-norm statistics, dropout and drop path off
+        else:
+            # fine-tuning trains the encoder in train mode: one passed in eval mode (after feature
+            # extraction, say) would keep its batch-norm statistics, and dropout and drop path off
+            self.train()
 
     def on_fit_end(self) -> None:
         self.verify_encoder_unchanged()
